@@ -1,0 +1,50 @@
+"""llmbridge: correct, concurrent LLM calls from Flask and Quart apps.
+
+One :class:`Engine` per process owns the backend on a thread of its own; callers
+:meth:`~Engine.submit` a request and read its :class:`Stream` from a thread or a
+coroutine. Framework glue lives in ``llmbridge.flask``, ``llmbridge.quart`` and
+``llmbridge.asgi``, imported only on purpose.
+"""
+
+from __future__ import annotations
+
+from ._engine import Engine, EngineStats
+from ._exceptions import (
+    BackendError,
+    BadRequest,
+    Cancelled,
+    CircuitOpen,
+    ConcurrentEntryError,
+    EngineClosed,
+    LLMBridgeError,
+    Overloaded,
+    RateLimited,
+    Timeout,
+    UpstreamError,
+)
+from ._locked import Locked, locked
+from ._stream import Completion, Request, Stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BadRequest",
+    "Cancelled",
+    "CircuitOpen",
+    "Completion",
+    "ConcurrentEntryError",
+    "Engine",
+    "EngineClosed",
+    "EngineStats",
+    "LLMBridgeError",
+    "Locked",
+    "Overloaded",
+    "RateLimited",
+    "Request",
+    "Stream",
+    "Timeout",
+    "UpstreamError",
+    "__version__",
+    "locked",
+]

@@ -1,0 +1,443 @@
+"""Backends the engine drives: step generators, and plain sync or async callables.
+
+Both run only on the engine thread (or, for blocking calls, in the engine's bounded
+worker pool), so the backend object is never entered by two request threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import aclosing
+from typing import Any, Protocol, runtime_checkable
+
+from ._engine import Job, JobQueue
+from ._exceptions import BackendError, Cancelled, EngineClosed, LLMBridgeError
+from ._stream import Request
+
+__all__ = [
+    "AsyncBackend",
+    "CallableBackend",
+    "StepBackend",
+    "StepGenerator",
+    "serve_async",
+]
+
+logger = logging.getLogger("llmbridge")
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _wrap_error(exc: BaseException, what: str) -> LLMBridgeError:
+    if isinstance(exc, LLMBridgeError):
+        return exc
+    error = BackendError(f"{what}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+@runtime_checkable
+class StepGenerator(Protocol):
+    """An ExLlamaV2-style batching generator: not thread-safe, driven one step at a time.
+
+    ``enqueue(job)`` adds a job; ``iterate()`` advances every job by one step and
+    returns result dicts carrying ``identifier`` (or the ``job`` itself), ``text`` and
+    ``eos``, optionally ``eos_reason``, ``new_tokens``, ``prompt_tokens`` or ``error``;
+    ``cancel(job)`` drops a job.
+    """
+
+    def enqueue(self, job: Any) -> Any: ...
+
+    def iterate(self) -> list[dict[str, Any]]: ...
+
+    def cancel(self, job: Any) -> Any: ...
+
+
+_LENGTH_REASONS = frozenset({"max_new_tokens", "length", "max_tokens"})
+
+
+class StepBackend:
+    """Drives a :class:`StepGenerator` from the engine thread, many jobs in flight.
+
+    ``make_job(request)`` builds the generator's job from a :class:`~llmbridge.Request`
+    (use ``request.id`` as the job's identifier). Up to ``max_batch_size`` jobs are in
+    the generator at once; the rest wait in the engine's queue. A consumer's
+    cancellation reaches ``generator.cancel`` before the next ``iterate()``. An
+    exception from ``make_job`` or a result's ``error`` fails only that request; one
+    from ``iterate()`` fails the requests in flight, and the engine goes on serving.
+
+    >>> from llmbridge.testing import SimulatedGenerator
+    >>> gen = SimulatedGenerator()
+    >>> backend = StepBackend(gen, gen.make_job, max_batch_size=32)
+    """
+
+    def __init__(
+        self,
+        generator: StepGenerator,
+        make_job: Callable[[Request], Any],
+        *,
+        max_batch_size: int = 64,
+    ) -> None:
+        for method in ("enqueue", "iterate", "cancel"):
+            if not callable(getattr(generator, method, None)):
+                raise TypeError(f"StepBackend needs a generator with a {method}() method")
+        if not callable(make_job):
+            raise TypeError("make_job must be callable: make_job(request) -> job")
+        self.generator = generator
+        self.make_job = make_job
+        self.max_batch_size = _positive("max_batch_size", max_batch_size)
+        # Survives a fork (see after_fork): the child must drop the parent's jobs.
+        self._active: dict[str, Job] = {}
+
+    def __repr__(self) -> str:
+        return f"StepBackend({self.generator!r}, max_batch_size={self.max_batch_size})"
+
+    def after_fork(self) -> None:
+        """In a forked child, cancel the parent's jobs still inside the generator."""
+        for job in list(self._active.values()):
+            self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        self._active.pop(job.id, None)
+        try:
+            self.generator.cancel(job.handle)
+        except Exception:
+            logger.exception("generator.cancel() failed for %s", job.id)
+
+    def serve(self, jobs: JobQueue) -> None:
+        """Run the step loop on the engine thread until the engine closes."""
+        generator = self.generator
+        active = self._active
+        by_handle: dict[int, Job] = {id(job.handle): job for job in active.values()}
+        waiting: deque[Job] = deque()
+        while True:
+            new, cancelled = jobs.take()
+            waiting.extend(new)
+            for job in cancelled:
+                if job.id in active:
+                    by_handle.pop(id(job.handle), None)
+                    self._drop(job)
+            if jobs.expired:
+                self._expire(jobs, waiting, by_handle)
+            while waiting and len(active) < self.max_batch_size:
+                job = waiting.popleft()
+                if job.ended:
+                    jobs.drop(job)
+                    continue
+                job.start()
+                try:
+                    job.handle = self.make_job(job.request)
+                    generator.enqueue(job.handle)
+                except Exception as exc:
+                    job.fail(_wrap_error(exc, "could not start the job"))
+                    continue
+                active[job.id] = job
+                by_handle[id(job.handle)] = job
+            if not active:
+                jobs.flush()
+                if jobs.closing and not waiting:
+                    return
+                jobs.wait()
+                continue
+            try:
+                results = generator.iterate()
+            except Exception as exc:
+                error = _wrap_error(exc, "the generator's iterate() failed")
+                for job in list(active.values()):
+                    job.fail(error)
+                    self._drop(job)
+                by_handle.clear()
+                jobs.step()
+                continue
+            for result in results:
+                self._route(result, active, by_handle)
+            jobs.step()
+
+    def _route(
+        self, result: dict[str, Any], active: dict[str, Job], by_handle: dict[int, Job]
+    ) -> None:
+        identifier = result.get("identifier")
+        job = active.get(identifier) if isinstance(identifier, str) else None
+        if job is None and "job" in result:
+            job = by_handle.get(id(result["job"]))
+        if job is None:
+            return  # a job we already dropped (cancelled, failed) still reported in
+        error = result.get("error")
+        if error is not None:
+            job.fail(
+                _wrap_error(error, "the generator failed the job")
+                if isinstance(error, BaseException)
+                else BackendError(str(error))
+            )
+            self._forget(job, by_handle)
+            return
+        text = result.get("text") or ""
+        token_ids = result.get("token_ids")
+        tokens = len(token_ids) if token_ids is not None else (1 if text else 0)
+        if (text or tokens) and not job.emit(text, tokens):
+            by_handle.pop(id(job.handle), None)
+            self._drop(job)  # its consumer went away mid-step
+            return
+        if result.get("eos"):
+            reason = str(result.get("eos_reason") or "stop")
+            job.finish(
+                "length" if reason in _LENGTH_REASONS else "stop",
+                prompt_tokens=_int_or_none(result.get("prompt_tokens")),
+                completion_tokens=_int_or_none(result.get("new_tokens")),
+            )
+            self._forget(job, by_handle)
+
+    def _forget(self, job: Job, by_handle: dict[int, Job]) -> None:
+        self._active.pop(job.id, None)
+        by_handle.pop(id(job.handle), None)
+
+    def _expire(self, jobs: JobQueue, waiting: deque[Job], by_handle: dict[int, Job]) -> None:
+        error = EngineClosed("the engine closed before the request finished")
+        for job in list(self._active.values()):
+            job.fail(error)
+            self._drop(job)
+        by_handle.clear()
+        while waiting:
+            jobs.drop(waiting.popleft(), error)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """A backend written as a coroutine per request, run on the engine's own event loop.
+
+    ``generate(request, job)`` writes with ``job.emit(text)`` and may return (the engine
+    then finishes the job with ``"stop"``) or call ``job.finish(...)`` itself. The task
+    is cancelled when the consumer goes away. Blocking work inside must go to a thread
+    (``anyio.to_thread.run_sync``): the loop is shared by every request of the engine.
+    Optional ``aopen()`` / ``aclose()`` run on the engine loop at start and shutdown (open
+    a pooled HTTP client there), and ``max_concurrency`` caps requests in flight.
+    """
+
+    async def generate(self, request: Request, job: Job) -> None: ...
+
+
+def serve_async(backend: AsyncBackend, jobs: JobQueue, *, max_concurrency: int) -> None:
+    """Run ``backend`` on a fresh event loop on the engine thread until the engine closes."""
+    asyncio.run(_AsyncDriver(backend, jobs, max_concurrency).main())
+
+
+class _AsyncDriver:
+    def __init__(self, backend: AsyncBackend, jobs: JobQueue, max_concurrency: int) -> None:
+        self.backend = backend
+        self.jobs = jobs
+        self.max_concurrency = max_concurrency
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.waiting: deque[Job] = deque()
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        scheduled = False
+
+        def on_loop() -> None:
+            nonlocal scheduled
+            scheduled = False
+            wake.set()
+
+        def notify() -> None:  # any thread
+            nonlocal scheduled
+            if not scheduled:
+                scheduled = True
+                try:
+                    loop.call_soon_threadsafe(on_loop)
+                except RuntimeError:
+                    pass  # the loop is gone: the engine is stopping
+
+        flush_pending = False
+
+        def flush() -> None:
+            nonlocal flush_pending
+            flush_pending = False
+            self.jobs.flush()
+
+        def schedule_flush() -> None:  # engine thread: one wake-up flush per loop pass
+            nonlocal flush_pending
+            if not flush_pending:
+                flush_pending = True
+                loop.call_soon(flush)
+
+        jobs = self.jobs
+        jobs.set_flush_hook(schedule_flush)
+        jobs.set_notifier(notify)
+        opener = getattr(self.backend, "aopen", None)
+        if opener is not None:
+            await opener()
+        try:
+            while True:
+                new, cancelled = jobs.take()
+                self.waiting.extend(new)
+                for job in cancelled:
+                    task = self.tasks.get(job.id)
+                    if task is not None:
+                        task.cancel()
+                if jobs.expired:
+                    self._expire()
+                while self.waiting and len(self.tasks) < self.max_concurrency:
+                    job = self.waiting.popleft()
+                    if job.ended:
+                        jobs.drop(job)
+                        continue
+                    job.start()
+                    task = loop.create_task(self._run(job))
+                    self.tasks[job.id] = task
+                    task.add_done_callback(lambda _: wake.set())
+                if jobs.closing and not self.tasks and not self.waiting:
+                    break
+                timeout = None
+                if jobs.deadline is not None and not jobs.expired:
+                    # Wake at the close deadline to cancel what is still running.
+                    timeout = max(0.0, jobs.deadline - time.monotonic()) + 0.001
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                wake.clear()
+        finally:
+            closer = getattr(self.backend, "aclose", None)
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception:
+                    logger.exception("%r.aclose() failed", self.backend)
+            jobs.flush()
+
+    def _expire(self) -> None:
+        error = EngineClosed("the engine closed before the request finished")
+        for task in self.tasks.values():
+            task.cancel()
+        for job_id in list(self.tasks):
+            live = self.jobs._live.get(job_id)
+            if live is not None:
+                live.fail(error)
+        while self.waiting:
+            self.jobs.drop(self.waiting.popleft(), error)
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await self.backend.generate(job.request, job)
+        except asyncio.CancelledError:
+            job.fail(Cancelled("the request was cancelled"))
+        except Exception as exc:
+            job.fail(_wrap_error(exc, "the backend failed"))
+        else:
+            job.finish("stop")
+        finally:
+            self.tasks.pop(job.id, None)
+            self.jobs.flush()
+
+
+class CallableBackend:
+    """Runs a plain callable per request: ``fn(prompt, **params)``.
+
+    ``fn`` may return a ``str``, return or yield an iterable of ``str`` chunks, or be a
+    coroutine function or async generator function. Async callables run on the engine's
+    own event loop, so an async client created on first use there (an
+    ``httpx.AsyncClient``) is shared and pooled by every request. Sync callables run in a
+    bounded pool of ``max_threads`` worker threads, never on the loop; a sync generator is
+    closed between chunks once its consumer goes away. ``max_concurrency`` caps requests
+    in flight; the rest wait in the engine's queue.
+
+    >>> def echo(prompt: str) -> str:
+    ...     return prompt
+    >>> backend = CallableBackend(echo, max_threads=4)
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        max_concurrency: int = 256,
+        max_threads: int = 16,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"CallableBackend needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.max_concurrency = _positive("max_concurrency", max_concurrency)
+        self.max_threads = _positive("max_threads", max_threads)
+        self._limiter: Any = None
+
+    def __repr__(self) -> str:
+        return f"CallableBackend({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+    def serve(self, jobs: JobQueue) -> None:
+        """Run requests on a fresh event loop on the engine thread."""
+        serve_async(self, jobs, max_concurrency=self.max_concurrency)
+
+    async def aopen(self) -> None:
+        """Create the bounded worker pool's limiter on the engine loop."""
+        import anyio
+
+        self._limiter = anyio.CapacityLimiter(self.max_threads)
+
+    async def generate(self, request: Request, job: Job) -> None:
+        """Run ``fn`` for one request and write what it produces to ``job``."""
+        fn = self.fn
+        if inspect.isasyncgenfunction(fn):
+            async with aclosing(fn(request.prompt, **request.params)) as agen:
+                await _emit_async(agen, job)
+            return
+        if inspect.iscoroutinefunction(fn):
+            result = await fn(request.prompt, **request.params)
+            if isinstance(result, AsyncIterator):
+                await _emit_async(result, job)
+            else:
+                _emit_result(result, job)
+            return
+        import anyio.to_thread
+
+        # Not abandoned on cancel: the worker sees the job ended and stops between
+        # chunks, so a cancelled call never leaves a thread running past the pool size.
+        await anyio.to_thread.run_sync(_run_sync, fn, request, job, limiter=self._limiter)
+
+
+async def _emit_async(chunks: AsyncIterator[Any], job: Job) -> None:
+    async for chunk in chunks:
+        if not job.emit(_as_text(chunk)):
+            return
+
+
+def _emit_result(result: Any, job: Job) -> None:
+    if isinstance(result, str):
+        job.emit(result)
+    elif isinstance(result, Iterable):
+        for chunk in result:
+            if not job.emit(_as_text(chunk)):
+                return
+    elif isinstance(result, Awaitable):
+        raise TypeError("the callable returned an awaitable: declare it with async def")
+    else:
+        raise TypeError(f"the callable returned {type(result).__name__}, expected str or chunks")
+
+
+def _run_sync(fn: Callable[..., Any], request: Request, job: Job) -> None:
+    result = fn(request.prompt, **request.params)
+    if isinstance(result, Iterator) and hasattr(result, "close"):
+        try:
+            _emit_result(result, job)
+        finally:
+            result.close()
+    else:
+        _emit_result(result, job)
+
+
+def _as_text(chunk: Any) -> str:
+    if isinstance(chunk, str):
+        return chunk
+    raise TypeError(f"chunks must be str, got {type(chunk).__name__}")

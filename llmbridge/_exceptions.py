@@ -1,0 +1,150 @@
+"""The one exception tree of llmbridge.
+
+Every error llmbridge raises on purpose derives from :class:`LLMBridgeError`. The leaves
+are named for the state a caller can act on, and each carries the HTTP status the
+integrations answer with (``status``) and, where waiting helps, a ``retry_after`` in
+seconds::
+
+    LLMBridgeError                 500
+    ├── BadRequest                 400  the request itself is wrong: fix it, don't retry
+    ├── Cancelled                  499  the consumer (or a deadline) cancelled the request
+    ├── EngineClosed               503  the engine stopped admitting: it is shutting down
+    ├── Overloaded                 503  the queue is full: retry after ``retry_after``
+    │   └── CircuitOpen            503  the backend is failing: the breaker sheds calls
+    ├── RateLimited                429  the caller's key is over its limit
+    ├── Timeout                    504  a queue, first-token or total deadline passed
+    └── BackendError               502  the backend failed this request
+        ├── UpstreamError          502  an HTTP upstream answered with an error
+        └── ConcurrentEntryError   500  two threads entered a single-owner object at once
+
+``retryable`` tells the retry policy whether trying again may help.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BadRequest",
+    "Cancelled",
+    "CircuitOpen",
+    "ConcurrentEntryError",
+    "EngineClosed",
+    "LLMBridgeError",
+    "Overloaded",
+    "RateLimited",
+    "Timeout",
+    "UpstreamError",
+]
+
+
+class LLMBridgeError(Exception):
+    """Root of every error llmbridge raises on purpose.
+
+    ``status`` is the HTTP status the integrations answer with, ``retry_after`` (seconds
+    or ``None``) is sent as the ``Retry-After`` header, ``retryable`` says whether the
+    retry policy may try the request again.
+    """
+
+    status: int = 500
+    title: str = "LLM bridge error"
+    retryable: bool = False
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message or self.title)
+        self.message = message or self.title
+        self.retry_after = retry_after
+
+
+class BadRequest(LLMBridgeError):
+    """The request is malformed or asks for something impossible; retrying won't help."""
+
+    status = 400
+    title = "Bad request"
+
+
+class Cancelled(LLMBridgeError):
+    """The request was cancelled before it finished: by its consumer or a deadline."""
+
+    status = 499
+    title = "Request cancelled"
+
+
+class EngineClosed(LLMBridgeError):
+    """The engine is closing or closed and admits no new requests."""
+
+    status = 503
+    title = "Engine closed"
+
+
+class Overloaded(LLMBridgeError):
+    """Admission refused: the engine's queue is full. Try again after ``retry_after``."""
+
+    status = 503
+    title = "Overloaded"
+    retryable = True
+
+    def __init__(self, message: str = "", *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class CircuitOpen(Overloaded):
+    """The circuit breaker is open: the backend is failing, calls are shed until it heals."""
+
+    title = "Circuit open"
+
+
+class RateLimited(LLMBridgeError):
+    """The caller's key is over its rate limit; ``retry_after`` says when it frees up."""
+
+    status = 429
+    title = "Rate limited"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class Timeout(LLMBridgeError):
+    """A deadline passed: waiting in the queue, for the first token, or in total."""
+
+    status = 504
+    title = "Timed out"
+
+
+class BackendError(LLMBridgeError):
+    """The backend failed this request. The original exception is the ``__cause__``."""
+
+    status = 502
+    title = "Backend error"
+
+
+class UpstreamError(BackendError):
+    """An HTTP upstream answered with an error status or broke the connection.
+
+    ``upstream_status`` is the upstream's status code (``None`` when the connection broke).
+    429 and 5xx answers are ``retryable``.
+    """
+
+    title = "Upstream error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        upstream_status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.upstream_status = upstream_status
+        self.retryable = retryable
+
+
+class ConcurrentEntryError(BackendError):
+    """Two threads entered an object that must only ever be driven by one.
+
+    :class:`llmbridge.testing.SimulatedGenerator` raises it, so tests prove the
+    single-owner invariant instead of hoping for it.
+    """
+
+    status = 500
+    title = "Concurrent entry"
