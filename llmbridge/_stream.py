@@ -269,11 +269,11 @@ class Channel:
             raise self._error
         raise stop
 
-    def next_text(self, timeout: float | None = None) -> str:
-        """Block until there is unread text; return all of it. Raises at the end.
+    def next_text(self, timeout: float | None = None) -> str | None:
+        """Block until there is unread text; return all of it.
 
-        Raises ``StopIteration`` at a normal end, the request's error otherwise, and
-        :class:`Timeout` if ``timeout`` seconds pass with nothing new.
+        Returns ``None`` if ``timeout`` seconds pass with nothing new (the request goes
+        on), raises ``StopIteration`` at a normal end and the request's error otherwise.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -287,18 +287,19 @@ class Channel:
                     self._cond = threading.Condition(self._lock)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise Timeout(f"no output within {timeout} s")
+                    return None
                 self._sync_waiters += 1
                 try:
                     self._cond.wait(remaining)
                 finally:
                     self._sync_waiters -= 1
 
-    async def anext_text(self) -> str:
+    async def anext_text(self, timeout: float | None = None) -> str | None:
         """Wait (without blocking the loop) for unread text; return all of it.
 
-        Raises ``StopAsyncIteration`` at a normal end and the request's error otherwise.
-        Cancelling the awaiting task cancels the request.
+        Returns ``None`` if ``timeout`` seconds pass with nothing new (the request goes
+        on), raises ``StopAsyncIteration`` at a normal end and the request's error
+        otherwise. Cancelling the awaiting task cancels the request.
         """
         while True:
             with self._lock:
@@ -311,7 +312,16 @@ class Channel:
                 future: asyncio.Future[None] = loop.create_future()
                 self._waiter = (loop, future)
             try:
-                await future
+                if timeout is None:
+                    await future
+                else:
+                    done, _ = await asyncio.wait((future,), timeout=timeout)
+                    if not done:
+                        with self._lock:
+                            if self._waiter is not None and self._waiter[1] is future:
+                                self._waiter = None
+                        if not future.done():
+                            return None
             except asyncio.CancelledError:
                 self.cancel("the consuming task was cancelled")
                 raise
@@ -567,10 +577,12 @@ class _SyncReader(Iterator[str]):
 
     def __next__(self) -> str:
         try:
-            return self._channel.next_text()
+            text = self._channel.next_text()
         except BaseException:
             self._exhausted = True
             raise
+        assert text is not None  # no timeout: only text or the end
+        return text
 
     def close(self) -> None:
         """Stop reading: cancels the request if it is still running."""
@@ -596,10 +608,12 @@ class _AsyncReader(AsyncIterator[str]):
 
     async def __anext__(self) -> str:
         try:
-            return await self._channel.anext_text()
+            text = await self._channel.anext_text()
         except BaseException:
             self._exhausted = True
             raise
+        assert text is not None  # no timeout: only text or the end
+        return text
 
     async def aclose(self) -> None:
         """Stop reading: cancels the request if it is still running."""

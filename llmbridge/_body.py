@@ -1,0 +1,158 @@
+"""Response bodies over a :class:`~llmbridge.Stream`, shared by every integration.
+
+:class:`StreamBody` turns a stream into bytes (SSE events or plain text) for a server to
+send, as a sync iterable (a WSGI server's thread) and an async one (an ASGI server's
+loop). Closing it (a WSGI ``close()``, a client disconnect) cancels the request.
+
+Servers that can pump a body on their event loop instead of holding a thread for it
+advertise it through the WSGI environ key :data:`ASYNC_BODY_KEY`, in the spirit of
+``wsgi.file_wrapper``: ``environ[ASYNC_BODY_KEY](body)`` returns an iterable the app must
+return unchanged (werkzeug: ``Response(..., direct_passthrough=True)``), and the server
+then iterates ``body`` with ``async for`` on its loop. Under any other server the body is
+an ordinary iterable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
+
+from ._exceptions import Cancelled, LLMBridgeError
+from ._sse import encode_chunk, encode_comment, encode_done, encode_error
+from ._stream import Stream
+
+__all__ = ["ASYNC_BODY_KEY", "StreamBody", "problem"]
+
+ASYNC_BODY_KEY = "llmbridge.async_body"
+
+BodyFormat = Literal["sse", "text"]
+
+
+def problem(error: BaseException) -> dict[str, Any]:
+    """An RFC 9457 problem object for ``error`` (status, title, detail, type)."""
+    if isinstance(error, LLMBridgeError):
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": error.title,
+            "status": error.status,
+            "detail": error.message,
+            "error": type(error).__name__,
+        }
+        if error.retry_after is not None:
+            body["retry_after"] = error.retry_after
+        return body
+    return {
+        "type": "about:blank",
+        "title": "Internal error",
+        "status": 500,
+        "detail": "the request failed",
+        "error": "InternalError",
+    }
+
+
+class StreamBody:
+    """The bytes of one streamed response, readable from a thread or a coroutine.
+
+    ``format="sse"``: each chunk is an event ``data: {"text": ...}``; a comment every
+    ``heartbeat`` seconds of silence; at the end ``event: done`` with finish reason and
+    usage, or ``event: error`` with a problem object. ``format="text"``: the raw UTF-8
+    chunks; an error ends the body by raising (the server drops the connection).
+
+    One consumer at a time. :meth:`close` / :meth:`aclose` cancel the request if it is
+    still running; they are idempotent, and ``on_close`` runs once.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        format: BodyFormat = "sse",
+        heartbeat: float | None = 15.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if format not in ("sse", "text"):
+            raise ValueError(f"format must be 'sse' or 'text', got {format!r}")
+        if heartbeat is not None and heartbeat <= 0:
+            raise ValueError(f"heartbeat must be > 0 or None, got {heartbeat!r}")
+        self.stream = stream
+        self.format = format
+        self.heartbeat = heartbeat if format == "sse" else None
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def media_type(self) -> str:
+        """The response's content type."""
+        return "text/event-stream" if self.format == "sse" else "text/plain; charset=utf-8"
+
+    def _chunk(self, text: str) -> bytes:
+        return encode_chunk(text) if self.format == "sse" else text.encode()
+
+    def _end(self) -> bytes:
+        completion = self.stream.channel.completion()
+        return encode_done(
+            {
+                "id": completion.id,
+                "finish_reason": completion.finish_reason,
+                "usage": {
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "total_tokens": completion.total_tokens,
+                },
+            }
+        )
+
+    def _error(self, error: BaseException) -> bytes:
+        return encode_error(problem(error))
+
+    def __iter__(self) -> Iterator[bytes]:
+        channel = self.stream.channel
+        try:
+            while True:
+                try:
+                    text = channel.next_text(self.heartbeat)
+                except StopIteration:
+                    if self.format == "sse":
+                        yield self._end()
+                    return
+                except LLMBridgeError as error:
+                    if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
+                        raise
+                    yield self._error(error)
+                    return
+                yield encode_comment() if text is None else self._chunk(text)
+        finally:
+            self.close()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        channel = self.stream.channel
+        try:
+            while True:
+                try:
+                    text = await channel.anext_text(self.heartbeat)
+                except StopAsyncIteration:
+                    if self.format == "sse":
+                        yield self._end()
+                    return
+                except LLMBridgeError as error:
+                    if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
+                        raise
+                    yield self._error(error)
+                    return
+                yield encode_comment() if text is None else self._chunk(text)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop: cancels the request if it is still running. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.channel.cancel("the response was closed")
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def aclose(self) -> None:
+        """The async twin of :meth:`close`."""
+        self.close()

@@ -1,0 +1,107 @@
+"""Helpers for tests that start real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, *, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+class Server:
+    """A server process started by a test; ``url`` is its base URL, ``log()`` its output."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log_path = log_path
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self._log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+@contextlib.contextmanager
+def run_server(
+    args: Sequence[str],
+    *,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ready_timeout: float = 30.0,
+) -> Iterator[Server]:
+    """Start ``args`` (``{port}`` in them is replaced), wait for the port, stop it after.
+
+    The module under test is importable from the repository root and ``tests/``.
+    """
+    argv = [a.replace("{port}", str(port)) for a in args]
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests"), full_env.get("PYTHONPATH", "")]
+    )
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    with tempfile.NamedTemporaryFile(
+        prefix="llmbridge-server-", suffix=".log", delete=False
+    ) as log_file:
+        log_path = Path(log_file.name)
+        proc = subprocess.Popen(
+            argv, env=full_env, cwd=str(cwd or ROOT), stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = Server(proc, port, log_path)
+    try:
+        try:
+            wait_for_port(port, timeout=ready_timeout, proc=proc)
+        except Exception as exc:
+            raise RuntimeError(f"{argv} did not start:\n{server.log()}") from exc
+        yield server
+    finally:
+        server.terminate()
+        log_path.unlink(missing_ok=True)
+
+
+PYTHON = sys.executable
