@@ -8,7 +8,7 @@ coroutine. Framework glue lives in ``llmbridge.flask``, ``llmbridge.quart`` and
 
 from __future__ import annotations
 
-from ._engine import Engine, EngineStats
+from ._engine import Engine, EngineStats, Submitter
 from ._exceptions import (
     BackendError,
     BadRequest,
@@ -43,6 +43,7 @@ __all__ = [
     "RateLimited",
     "Request",
     "Stream",
+    "Submitter",
     "Timeout",
     "UpstreamError",
     "__version__",

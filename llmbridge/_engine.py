@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 from ._exceptions import BadRequest, Cancelled, EngineClosed, Overloaded
 from ._stream import Channel, Request, Stream, Wakeups
 
-__all__ = ["Backend", "Engine", "EngineStats", "Job", "JobQueue"]
+__all__ = ["Backend", "Engine", "EngineStats", "Job", "JobQueue", "Submitter"]
 
 logger = logging.getLogger("llmbridge")
 
@@ -246,6 +246,14 @@ class Backend(Protocol):
     """
 
     def serve(self, jobs: JobQueue) -> None: ...
+
+
+@runtime_checkable
+class Submitter(Protocol):
+    """Anything that admits requests like :meth:`Engine.submit`: an engine, or an engine
+    wrapped in policies. Integrations accept any submitter."""
+
+    def submit(self, prompt: str, /, **params: Any) -> Stream: ...
 
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
