@@ -86,24 +86,24 @@ class StepBackend:
         *,
         max_batch_size: int = 64,
     ) -> None:
-        for method in ("enqueue", "iterate", "cancel"):
-            if not callable(getattr(generator, method, None)):
-                raise TypeError(f"StepBackend needs a generator with a {method}() method")
+        missing = [
+            m for m in ("enqueue", "iterate", "cancel") if not callable(getattr(generator, m, None))
+        ]
+        if missing:
+            raise TypeError(
+                "StepBackend needs a generator with enqueue(), iterate() and cancel(); "
+                f"{type(generator).__name__} lacks {', '.join(m + '()' for m in missing)}"
+            )
         if not callable(make_job):
             raise TypeError("make_job must be callable: make_job(request) -> job")
         self.generator = generator
         self.make_job = make_job
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
-        # Survives a fork (see after_fork): the child must drop the parent's jobs.
+        # Kept on the instance so a restarted serve() (after a crash or a fork) can clean up.
         self._active: dict[str, Job] = {}
 
     def __repr__(self) -> str:
         return f"StepBackend({self.generator!r}, max_batch_size={self.max_batch_size})"
-
-    def after_fork(self) -> None:
-        """In a forked child, cancel the parent's jobs still inside the generator."""
-        for job in list(self._active.values()):
-            self._drop(job)
 
     def _drop(self, job: Job) -> None:
         self._active.pop(job.id, None)
@@ -116,7 +116,12 @@ class StepBackend:
         """Run the step loop on the engine thread until the engine closes."""
         generator = self.generator
         active = self._active
-        by_handle: dict[int, Job] = {id(job.handle): job for job in active.values()}
+        # Jobs left by a previous serve() (it crashed, or we are a forked child whose
+        # parent had them in flight) are nobody's now: take them out of the generator.
+        for job in list(active.values()):
+            job.fail(EngineClosed("the engine restarted"))
+            self._drop(job)
+        by_handle: dict[int, Job] = {}
         waiting: deque[Job] = deque()
         while True:
             new, cancelled = jobs.take()

@@ -483,9 +483,6 @@ class Engine:
         self._reset()
         if closed:
             self._state = _CLOSED
-        after_fork = getattr(self.backend, "after_fork", None)
-        if callable(after_fork):
-            after_fork()
 
 
 def _reset_engines_in_child() -> None:

@@ -479,10 +479,10 @@ class Stream:
         return self._channel
 
     def __iter__(self) -> Iterator[str]:
-        return _SyncReader(self._channel)
+        return _SyncReader(self)
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return _AsyncReader(self._channel)
+        return _AsyncReader(self)
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request ends and return its :class:`Completion`.
@@ -566,10 +566,13 @@ class Stream:
 class _SyncReader(Iterator[str]):
     """``for chunk in stream``: stops cleanly at the end, cancels if abandoned early."""
 
-    __slots__ = ("_channel", "_exhausted")
+    # Holding the stream keeps `for chunk in engine.submit(...)` alive: the temporary
+    # Stream would otherwise be dropped (and cancelled) as soon as iteration began.
+    __slots__ = ("_channel", "_exhausted", "_stream")
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self._channel = stream.channel
         self._exhausted = False
 
     def __iter__(self) -> _SyncReader:
@@ -597,10 +600,13 @@ class _SyncReader(Iterator[str]):
 class _AsyncReader(AsyncIterator[str]):
     """``async for chunk in stream``: the async twin of :class:`_SyncReader`."""
 
-    __slots__ = ("_channel", "_exhausted")
+    # Holding the stream keeps `for chunk in engine.submit(...)` alive: the temporary
+    # Stream would otherwise be dropped (and cancelled) as soon as iteration began.
+    __slots__ = ("_channel", "_exhausted", "_stream")
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self._channel = stream.channel
         self._exhausted = False
 
     def __aiter__(self) -> _AsyncReader:

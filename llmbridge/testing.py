@@ -11,9 +11,11 @@ counted, so a test proves the single-owner invariant instead of hoping for it.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +140,7 @@ class SimulatedGenerator:
         self.max_batch_seen = 0
         #: ``threading.get_ident()`` of every thread that entered.
         self.threads: set[int] = set()
+        _generators.add(self)
 
     def __repr__(self) -> str:
         return f"<SimulatedGenerator jobs={len(self._jobs)} steps={self.steps}>"
@@ -250,6 +253,18 @@ class SimulatedGenerator:
             return results
         finally:
             self._entry.release()
+
+
+_generators: weakref.WeakSet[SimulatedGenerator] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A thread that was inside a generator at fork time stayed in the parent.
+    for generator in list(_generators):
+        generator._entry = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def simulated_engine(
