@@ -168,6 +168,11 @@ class Channel:
         """True once the channel finished, failed or was cancelled."""
         return self._state != _RUNNING
 
+    @property
+    def started(self) -> bool:
+        """True once a backend slot took the request (its queue wait is over)."""
+        return self._t_start is not None
+
     def emit(self, text: str, tokens: int = 1, wakeups: Wakeups | None = None) -> bool:
         """Append ``text`` (worth ``tokens`` tokens). Returns False if the channel ended."""
         if not text and not tokens:

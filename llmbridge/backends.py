@@ -7,20 +7,68 @@
 - :class:`AsyncBackend` is the protocol for a coroutine-per-request backend run on the
   engine's own event loop; :func:`serve_async` runs one.
 - :class:`Backend` is the protocol the engine itself drives.
+
+Adapters to real engines, each imported only when first used (``import
+llmbridge.backends`` never imports httpx, torch or transformers):
+
+- :class:`OpenAIBackend`: any OpenAI-compatible HTTP API (``llmbridge[http]``).
+- :class:`TransformersGenerator` / :func:`transformers_backend`: a local Hugging Face
+  causal LM, batched (``llmbridge[hf]`` plus torch).
+- :class:`ExLlamaV2Adapter` / :func:`exllamav2_job_factory` /
+  :func:`exllamav2_backend`: ExLlamaV2's ``DynamicGenerator``.
+- :class:`LlamaCppBackend`: a ``llama_cpp.Llama``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._backends import AsyncBackend, CallableBackend, StepBackend, StepGenerator, serve_async
 from ._engine import Backend, Job, JobQueue
+
+if TYPE_CHECKING:
+    from ._exllama import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
+    from ._hf_backend import TransformersGenerator, transformers_backend
+    from ._llamacpp import LlamaCppBackend
+    from ._openai_backend import OpenAIBackend
 
 __all__ = [
     "AsyncBackend",
     "Backend",
     "CallableBackend",
+    "ExLlamaV2Adapter",
     "Job",
     "JobQueue",
+    "LlamaCppBackend",
+    "OpenAIBackend",
     "StepBackend",
     "StepGenerator",
+    "TransformersGenerator",
+    "exllamav2_backend",
+    "exllamav2_job_factory",
     "serve_async",
+    "transformers_backend",
 ]
+
+# Optional adapters: name -> module, imported on first access so that their heavy
+# dependencies (httpx, torch, transformers) load only for the apps that use them.
+_LAZY = {
+    "ExLlamaV2Adapter": "._exllama",
+    "exllamav2_backend": "._exllama",
+    "exllamav2_job_factory": "._exllama",
+    "LlamaCppBackend": "._llamacpp",
+    "OpenAIBackend": "._openai_backend",
+    "TransformersGenerator": "._hf_backend",
+    "transformers_backend": "._hf_backend",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __package__), name)
+    globals()[name] = value
+    return value

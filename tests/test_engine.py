@@ -8,7 +8,6 @@ import threading
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import (
     BackendError,
     BadRequest,
@@ -19,6 +18,8 @@ from llmbridge import (
 )
 from llmbridge.backends import StepBackend
 from llmbridge.testing import SimulatedGenerator, simulated_engine
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -48,7 +49,8 @@ def test_engine_starts_lazily_and_close_joins_its_thread() -> None:
     assert engine.thread is None
     engine.submit("x").result(timeout=10)
     thread = engine.thread
-    assert thread is not None and thread.is_alive()
+    assert thread is not None
+    assert thread.is_alive()
     engine.close()
     assert not thread.is_alive()
     assert not engine.running

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import Cancelled, Completion, Request, Timeout
 from llmbridge._stream import Channel, Stream
 from llmbridge.testing import SimulatedGenerator, simulated_engine
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -156,7 +157,8 @@ def test_repr_says_the_state() -> None:
     stream = Stream(ch)
     assert "running" in repr(stream)
     ch.finish()
-    assert "ended" in repr(stream) and "r-1" in repr(stream)
+    assert "ended" in repr(stream)
+    assert "r-1" in repr(stream)
 
 
 def test_iterating_a_temporary_stream_reads_it_whole() -> None:

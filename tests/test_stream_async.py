@@ -7,10 +7,11 @@ import threading
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import Cancelled
 from llmbridge._stream import Channel, Request, Stream, Wakeups
 from llmbridge.testing import SimulatedGenerator, simulated_engine
+
+from conftest import wait_until
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.anyio]
 

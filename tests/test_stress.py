@@ -10,9 +10,10 @@ import tracemalloc
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import Cancelled, Overloaded
 from llmbridge.testing import SimulatedGenerator, simulated_engine
+
+from conftest import wait_until
 
 N_THREADS = 64
 N_LOOPS = 8

@@ -1,0 +1,64 @@
+"""An OpenAI-compatible HTTP surface over any engine, for Flask and for Quart.
+
+Point the client your team already uses, the official ``openai`` SDK, at a model that an
+:class:`~llmbridge.Engine` drives::
+
+    from flask import Flask
+    from llmbridge.openai import flask_blueprint
+
+    app = Flask(__name__)
+    app.register_blueprint(flask_blueprint(engine))
+    # openai.OpenAI(base_url="http://host:port/v1", api_key="unused")
+
+Both blueprints serve ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models`` and ``GET /v1/models/{id}``, streaming (``"stream": true``: SSE ending
+with ``data: [DONE]``, usage in a last chunk when ``stream_options.include_usage``) and
+not. Bad requests get a 400 with OpenAI's error shape ``{"error": {"message", "type",
+"param", "code"}}``; llmbridge errors keep their status (429, 503, 502, 504).
+
+A chat request is rendered to a prompt by ``Settings.chat_template`` (default
+:func:`render_messages`) and submitted as ``submit(prompt, messages=..., max_new_tokens=...,
+temperature=..., top_p=..., stop=[...], seed=...)``, passing only what the client sent.
+
+:func:`flask_blueprint` needs ``llmbridge[flask]``, :func:`quart_blueprint` needs
+``llmbridge[quart]``; each imports its framework only when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._engine import Submitter
+from ._openai_api import InvalidRequest, Settings, render_messages
+
+if TYPE_CHECKING:
+    import flask
+    import quart
+
+__all__ = ["InvalidRequest", "Settings", "flask_blueprint", "quart_blueprint", "render_messages"]
+
+
+def flask_blueprint(submitter: Submitter, **options: Any) -> flask.Blueprint:
+    """A Flask blueprint with the OpenAI routes over ``submitter``, under ``/v1``.
+
+    Options (keyword-only): ``settings`` (a :class:`Settings`: model names, chat
+    template, input limits), ``name``, ``url_prefix``, ``heartbeat`` (seconds of silence
+    before an SSE comment keeps proxies from closing a slow stream; ``None`` disables).
+    Views block their request thread, never the engine; streamed bodies cancel their
+    request when the server closes them (client gone). Raises ImportError without Flask.
+    """
+    from ._openai_flask import flask_blueprint as build
+
+    return build(submitter, **options)
+
+
+def quart_blueprint(submitter: Submitter, **options: Any) -> quart.Blueprint:
+    """A Quart blueprint with the OpenAI routes over ``submitter``, under ``/v1``.
+
+    Same options as :func:`flask_blueprint`. Views await the engine and never block the
+    event loop; a client that disconnects cancels its request. Raises ImportError without
+    Quart.
+    """
+    from ._openai_quart import quart_blueprint as build
+
+    return build(submitter, **options)

@@ -1,0 +1,215 @@
+"""llmbridge.asgi under real servers on 127.0.0.1: uvicorn, and gunicorn with
+uvicorn-worker (2 workers, --preload). Streams, disconnects, thread count, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from conftest import wait_until
+from llmbridge._sse import SSEDecoder, ServerSentEvent
+from llmbridge.testing import SimulatedGenerator
+from support import PYTHON, Server, free_port, run_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+EXPECTED = SimulatedGenerator()
+
+
+def uvicorn_args() -> list[str]:
+    return [
+        PYTHON, "-m", "uvicorn", "asgi_apps:app",
+        "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
+    ]  # fmt: skip
+
+
+def gunicorn_args() -> list[str]:
+    return [
+        PYTHON, "-m", "gunicorn", "asgi_apps:app",
+        "-k", "uvicorn_worker.UvicornWorker", "-w", "2", "--preload",
+        "-b", "127.0.0.1:{port}", "--graceful-timeout", "20",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def shutdown_file(tmp_path: Path) -> Path:
+    return tmp_path / "shutdown.log"
+
+
+@pytest.fixture
+def uvicorn(shutdown_file: Path) -> Iterator[Server]:
+    env = {"ASGI_TEST_SHUTDOWN_FILE": str(shutdown_file), "ASGI_TEST_WORKERS": "4"}
+    with run_server(uvicorn_args(), port=free_port(), env=env, ready_timeout=60) as server:
+        yield server
+
+
+async def read_sse(
+    client: httpx.AsyncClient, url: str, *, stop_after: int | None = None
+) -> tuple[list[ServerSentEvent], httpx.Response]:
+    decoder = SSEDecoder()
+    got: list[ServerSentEvent] = []
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_bytes():
+            got.extend(decoder.feed(chunk))
+            if stop_after is not None and len(got) >= stop_after:
+                break
+    return got, response
+
+
+def text_of(got: list[ServerSentEvent]) -> str:
+    return "".join(e.json()["text"] for e in got if e.event == "message")
+
+
+async def stats(client: httpx.AsyncClient, base: str) -> Any:
+    return (await client.get(f"{base}/stats")).json()
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_streams_are_correct_and_isolated(uvicorn: Server) -> None:
+    """32 concurrent SSE clients each get exactly their own prompt's tokens."""
+    results: dict[str, list[ServerSentEvent]] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(i: int) -> None:
+            results[f"p{i}"], _ = await read_sse(client, f"{uvicorn.url}/sse?prompt=p{i}&n=20")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(one, i)
+    for prompt, got in results.items():
+        assert text_of(got) == EXPECTED.expected_text(prompt, 20)
+        assert got[-1].event == "done"
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_disconnect_cancels_the_job_and_closes_once(uvicorn: Server) -> None:
+    """A client leaving after 2 events cancels its job; the body is closed exactly once."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        url = f"{uvicorn.url}/counted?prompt=leaving&n=100000"
+        async with client.stream("GET", url) as response:
+            job = response.headers["x-llmbridge-request-id"]
+            decoder = SSEDecoder()
+            seen = 0
+            async for chunk in response.aiter_bytes():
+                seen += len(decoder.feed(chunk))
+                if seen >= 2:
+                    break
+        done = await client.get(f"{uvicorn.url}/counted?prompt=finishing&n=5")
+        finished = done.headers["x-llmbridge-request-id"]
+        for _ in range(200):
+            state = await stats(client, uvicorn.url)
+            if job in state["cancelled"] and state["closes"].get(job) == 1:
+                break
+            await anyio.sleep(0.05)
+        assert job in state["cancelled"]
+        assert state["closes"][job] == 1
+        assert state["closes"][finished] == 1
+        assert state["in_flight"] == 0
+
+
+@pytest.mark.timeout(90)
+async def test_uvicorn_100_open_streams_use_only_the_pool(uvicorn: Server) -> None:
+    """100 streams open at once: the process's thread count stays at the pool size."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+        pid = (await stats(client, uvicorn.url))["pid"]
+        all_open = anyio.Event()
+        opened = 0
+        peak = 0
+
+        async def one(i: int) -> None:
+            nonlocal opened
+            url = f"{uvicorn.url}/sse?prompt=t{i}&n=100000"
+            async with client.stream("GET", url) as response:
+                async for _ in response.aiter_bytes():
+                    break
+                opened += 1
+                if opened == 100:
+                    all_open.set()
+                await all_open.wait()
+                # Stay open until the thread count was read.
+                await done.wait()
+
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+            await all_open.wait()
+            for _ in range(5):
+                peak = max(peak, threads_of(pid))
+                await anyio.sleep(0.05)
+            assert (await stats(client, uvicorn.url))["in_flight"] == 100
+            done.set()
+    # main thread + the engine thread + the 4 pool threads (one of them served /stats).
+    assert peak <= 4 + 2, f"{peak} threads for 100 streams"
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_sigterm_ends_streams_with_a_final_event(
+    uvicorn: Server, shutdown_file: Path
+) -> None:
+    """SIGTERM mid-stream: the client gets event: error and a clean end; hooks run."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        decoder = SSEDecoder()
+        got: list[ServerSentEvent] = []
+        url = f"{uvicorn.url}/sse?prompt=sigterm&n=100000"
+        async with client.stream("GET", url) as response:
+            async for chunk in response.aiter_bytes():
+                got.extend(decoder.feed(chunk))
+                if got and uvicorn.proc.poll() is None and len(got) == 1:
+                    uvicorn.proc.send_signal(signal.SIGTERM)
+        # No RemoteProtocolError above: the chunked body ended properly.
+    assert got[-1].event == "error"
+    assert got[-1].json()["error"] == "EngineClosed"
+    assert got[-1].json()["status"] == 503
+    assert uvicorn.proc.wait(20) is not None
+    assert wait_until(lambda: shutdown_file.exists(), 5)
+    assert shutdown_file.read_text().startswith("shutdown ")
+
+
+@pytest.mark.timeout(90)
+async def test_gunicorn_preload_two_workers_stream_and_drain_on_sigterm(
+    shutdown_file: Path,
+) -> None:
+    """gunicorn -k uvicorn_worker.UvicornWorker -w 2 --preload: each worker runs its own
+    engine; SIGTERM to the master ends open streams with a final event in time, and
+    every worker's shutdown hook runs."""
+    env = {"ASGI_TEST_SHUTDOWN_FILE": str(shutdown_file), "ASGI_TEST_DRAIN": "1"}
+    with run_server(gunicorn_args(), port=free_port(), env=env, ready_timeout=60) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            results: dict[str, list[ServerSentEvent]] = {}
+
+            async def one(i: int) -> None:
+                results[f"g{i}"], _ = await read_sse(client, f"{server.url}/sse?prompt=g{i}&n=12")
+
+            async with anyio.create_task_group() as tg:
+                for i in range(16):
+                    tg.start_soon(one, i)
+            for prompt, got in results.items():
+                assert text_of(got) == EXPECTED.expected_text(prompt, 12)
+
+            final: list[ServerSentEvent] = []
+            decoder = SSEDecoder()
+            async with client.stream("GET", f"{server.url}/sse?prompt=long&n=100000") as resp:
+                async for chunk in resp.aiter_bytes():
+                    final.extend(decoder.feed(chunk))
+                    if len(final) == 1:
+                        server.proc.send_signal(signal.SIGTERM)
+        assert final[-1].event == "error"
+        assert final[-1].json()["error"] == "EngineClosed"
+        assert server.proc.wait(30) == 0
+        lines = shutdown_file.read_text().split()
+        assert lines.count("shutdown") == 2, server.log()

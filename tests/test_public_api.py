@@ -1,0 +1,70 @@
+"""The public surface: a complete, sorted __all__ and no optional imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import llmbridge
+import llmbridge.backends
+import llmbridge.testing
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("module", [llmbridge, llmbridge.backends, llmbridge.testing])
+def test_all_is_sorted_and_complete(module: object) -> None:
+    """__all__ is sorted, every name in it exists, and every public name is in it."""
+    names = module.__all__  # type: ignore[attr-defined]
+    assert names == sorted(names)
+    for exported in names:
+        assert hasattr(module, exported), exported
+    name = module.__name__  # type: ignore[attr-defined]
+
+    def defined_here(value: object) -> bool:
+        origin = getattr(value, "__module__", "") or ""
+        # The package re-exports its private modules; a public module its own names.
+        return origin == name or (name == "llmbridge" and origin.startswith("llmbridge._"))
+
+    public = {
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_") and not isinstance(v, type(sys)) and defined_here(v)
+    }
+    assert public <= set(names), public - set(names)
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    """Every exported class and function documents its contract."""
+    for name in llmbridge.__all__:
+        obj = getattr(llmbridge, name)
+        if callable(obj):
+            assert obj.__doc__ and obj.__doc__.strip(), name
+
+
+def test_exception_tree_is_rooted_and_maps_to_statuses() -> None:
+    """Every error derives from LLMBridgeError and carries an HTTP status."""
+    errors = [getattr(llmbridge, n) for n in llmbridge.__all__]
+    errors = [e for e in errors if isinstance(e, type) and issubclass(e, BaseException)]
+    assert len(errors) >= 8
+    for error in errors:
+        assert issubclass(error, llmbridge.LLMBridgeError)
+        assert 400 <= error.status <= 599
+    assert llmbridge.Overloaded.status == 503
+    assert llmbridge.RateLimited.status == 429
+    assert llmbridge.Timeout.status == 504
+    assert llmbridge.BadRequest.status == 400
+
+
+def test_import_llmbridge_imports_no_framework_or_heavy_dependency() -> None:
+    """`import llmbridge` (and its core modules) pull in no flask, quart, redis, httpx, torch."""
+    code = (
+        "import sys, llmbridge, llmbridge.backends, llmbridge.testing;"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'flask', 'quart', 'redis', 'httpx', 'torch', 'transformers', 'werkzeug', 'limits'});"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
