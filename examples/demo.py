@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.flask_app import bridge, create_app  # noqa: E402
+from examples.flask_app import bridge, create_app
 
 PROMPTS = ("Tell me about engines", "Why one owner thread?", "How do streams stay apart?")
 

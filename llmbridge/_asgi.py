@@ -32,6 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._body import ASYNC_BODY_KEY, StreamBody, problem
 from ._drain import Drain, as_hooks, call_hook, find_engines
+from ._exceptions import LLMBridgeError
 
 __all__ = ["WSGIMiddleware"]
 
@@ -170,6 +171,7 @@ class _Exchange:
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.raw_send = send
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_sent = False
@@ -559,6 +561,13 @@ class WSGIMiddleware:
                 raise RuntimeError("the app returned its body without calling start_response()")
             with anyio.CancelScope() as scope:
                 tg.start_soon(_cancel_on, exchange.disconnect_event, scope)
+                try:
+                    # A view may hand over a stream before its first output: an error
+                    # before any text still gets its own status, not a broken 200.
+                    await body.stream.await_started()
+                except LLMBridgeError as error:
+                    await send_problem(exchange.raw_send, error)
+                    return
                 chunks = body.__aiter__()
                 try:
                     async for chunk in chunks:

@@ -15,6 +15,7 @@ Nothing here imports ``llama_cpp``: pass the ``Llama`` you built.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -77,9 +78,17 @@ class LlamaCppBackend:
         """Run one request in the worker thread, streaming its chunks to ``job``."""
         import anyio.to_thread
 
-        # Not abandoned on cancel: the worker notices the job ended between tokens and
-        # closes the generator, so the model is free before the next request starts.
-        await anyio.to_thread.run_sync(self._run, request, job, limiter=self._limiter)
+        worker = asyncio.ensure_future(
+            anyio.to_thread.run_sync(self._run, request, job, limiter=self._limiter)
+        )
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            # The consumer left. The worker notices at its next token and closes the
+            # llama_cpp generator; wait for that, so this task (and its concurrency slot)
+            # ends only once the model is free for the next request.
+            await asyncio.wait({worker})
+            raise
 
     def _run(self, request: Request, job: Job) -> None:
         if not self._inside.acquire(blocking=False):

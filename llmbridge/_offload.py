@@ -27,15 +27,18 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Generic, Literal, ParamSpec, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_process
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from . import _portal
 from ._exceptions import Timeout
+from ._portal import spawn
 
 __all__ = [
     "DEFAULT",
@@ -133,6 +136,80 @@ class _Borrow:
             self.release_here()
 
 
+# -- a long-lived anyio host on the background loop -------------------------------------
+#
+# anyio ties its worker threads and worker processes to the "root task" of the calling
+# task tree: they are stopped (processes killed) when that task ends. On the background
+# loop every call is a short-lived task of its own, so without a host each call would
+# start a new thread or process, and the end of one call would kill the processes other
+# calls still use. Calls made there are therefore run as children of one task that
+# lives as long as the loop.
+
+_in_host: contextvars.ContextVar[bool] = contextvars.ContextVar("llmbridge_in_host", default=False)
+
+
+class _Host:
+    """A task group hosted by a task that never ends, on one event loop."""
+
+    def __init__(self) -> None:
+        self._group: anyio.abc.TaskGroup | None = None
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._main())
+
+    async def _main(self) -> None:
+        async with anyio.create_task_group() as group:
+            self._group = group
+            self._ready.set_result(None)
+            await anyio.sleep_forever()
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        await asyncio.shield(self._ready)
+        assert self._group is not None
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        scope = anyio.CancelScope()
+
+        async def child() -> None:
+            _in_host.set(True)
+            with scope:
+                try:
+                    result = await fn(*args)
+                except BaseException as exc:  # handed to the caller, never to the group
+                    if not done.done():
+                        done.set_exception(exc)
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                else:
+                    if not done.done():
+                        done.set_result(result)
+            if not done.done():
+                done.cancel()
+
+        self._group.start_soon(child)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            scope.cancel()
+            raise
+
+
+_hosts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Host] = weakref.WeakKeyDictionary()
+
+
+async def _hosted(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    loop = asyncio.get_running_loop()
+    if _in_host.get() or not _is_background_loop(loop):
+        return await fn(*args)
+    host = _hosts.get(loop)
+    if host is None:
+        host = _hosts[loop] = _Host()
+    return await host.run(fn, *args)
+
+
+def _is_background_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    portal = _portal._portal
+    return portal is not None and portal.loop is loop
+
+
 async def run_in_thread(
     fn: Callable[..., T],
     /,
@@ -153,6 +230,16 @@ async def run_in_thread(
     Pass options named ``timeout`` or ``limiter`` to ``fn`` with :func:`functools.partial`.
     """
     _check_timeout(timeout)
+    return await _hosted(_run_in_thread, fn, args, kwargs, timeout, limiter)
+
+
+async def _run_in_thread(
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    limiter: anyio.CapacityLimiter | None,
+) -> T:
     if limiter is None:
         limiter = anyio.to_thread.current_default_thread_limiter()
     loop_call = _loop_caller()
@@ -204,6 +291,16 @@ async def run_in_process(
     nothing keeps running for a caller that left. ``fn``'s own exceptions propagate.
     """
     _check_timeout(timeout)
+    return await _hosted(_run_in_process, fn, args, kwargs, timeout, limiter)
+
+
+async def _run_in_process(
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    limiter: anyio.CapacityLimiter | None,
+) -> T:
     call: Callable[[], T] = functools.partial(fn, *args, **kwargs)
     try:
         with anyio.fail_after(timeout):
@@ -268,6 +365,14 @@ class ProcessOffloaded(Offloaded[P, T]):
         # A string tells pickle "the module global of this name"; pickle checks that the
         # name still leads to this very object.
         return str(self.__qualname__)  # type: ignore[attr-defined]
+
+
+def _refuse_on_loop(name: str, instead: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{name}() blocks and would stall this event loop: await {instead}()")
 
 
 class Offloader:
@@ -372,17 +477,14 @@ class Offloader:
         sees Flask's request and app context. Raises what ``fn`` raises, or
         :class:`~llmbridge.Timeout` (the thread runs on, holding its pool slot).
         """
-        from ._portal import background_portal
-
+        _refuse_on_loop("call_in_thread", "arun_in_thread")
         context = contextvars.copy_context()
-        job = functools.partial(
-            self.arun_in_thread,
-            functools.partial(context.run, fn),
-            *args,
-            timeout=timeout,
-            **kwargs,
-        )
-        return background_portal().call(job)
+        in_context = functools.partial(context.run, fn)
+
+        async def job() -> T:
+            return await self.arun_in_thread(in_context, *args, timeout=timeout, **kwargs)
+
+        return spawn(job()).result()
 
     def call_in_process(
         self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
@@ -392,10 +494,12 @@ class Offloader:
         Raises what ``fn`` raises, or :class:`~llmbridge.Timeout` (the worker process is
         killed).
         """
-        from ._portal import background_portal
+        _refuse_on_loop("call_in_process", "arun_in_process")
 
-        job = functools.partial(self.arun_in_process, fn, *args, timeout=timeout, **kwargs)
-        return background_portal().call(job)
+        async def job() -> T:
+            return await self.arun_in_process(fn, *args, timeout=timeout, **kwargs)
+
+        return spawn(job()).result()
 
     # -- decorators -------------------------------------------------------------------
 

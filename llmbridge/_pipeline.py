@@ -590,16 +590,19 @@ class Pipeline:
         if ticket is not None and self.breaker is not None:
             ttft = first_text_at[0] - started if first_text_at else None
             self.breaker.record(ticket, failed=False, duration=ttft)
-        # Stay joinable while storing: a request arriving now gets the full replay.
-        flight.finish(completion)
         try:
-            await self._after(flight, call, completion)
+            if self.rate_limit is not None and call.limit_key is not None:
+                # Before the readers see the end, so a client's next request is judged
+                # with these tokens counted.
+                await self.rate_limit.charge(call.limit_key, completion.total_tokens)
+            # Stay joinable while storing: a request arriving now gets the full replay.
+            flight.finish(completion)
+            await self._store(flight, call, completion)
         finally:
+            flight.finish(completion)  # a no-op unless charging was cancelled
             self._flights.discard(flight)
 
-    async def _after(self, flight: Flight, call: _Call, completion: Completion) -> None:
-        if self.rate_limit is not None and call.limit_key is not None:
-            await self.rate_limit.charge(call.limit_key, completion.total_tokens)
+    async def _store(self, flight: Flight, call: _Call, completion: Completion) -> None:
         key = call.shared_key
         if key is not None and self.cache is not None and not call.options.no_store:
             entry = {

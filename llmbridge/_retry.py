@@ -59,7 +59,10 @@ async def retrying(
     """Await ``attempt()`` until it succeeds, ``may_retry(error)`` is false, the attempts
     run out or the next wait would pass ``deadline`` (monotonic); then raise the last
     error. Cancelling the awaiting task stops at once."""
-    import tenacity
+    try:
+        import tenacity
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('retries need tenacity: pip install "llmbridge[retry]"') from exc
 
     base_wait = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.max_backoff)
 

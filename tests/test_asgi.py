@@ -11,8 +11,8 @@ from wsgiref.validate import validator
 
 import anyio
 import pytest
-
 from asgi_driver import Client, request
+
 from llmbridge.asgi import ASYNC_BODY_KEY, WSGIMiddleware, build_environ, to_asgi
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(20)]
@@ -466,7 +466,8 @@ async def test_wsgi_input_reads_across_chunk_boundaries(
 
 async def test_chunked_request_body_without_content_length_reads_to_the_end() -> None:
     """wsgi.input_terminated: Flask reads a chunked upload with no Content-Length."""
-    from flask import Flask, request as flask_request
+    from flask import Flask
+    from flask import request as flask_request
 
     flask_app = Flask(__name__)
 
@@ -645,7 +646,8 @@ async def test_wsgi_calls_run_on_a_bounded_pool_in_one_thread_each() -> None:
 
 async def test_contextvars_set_in_the_app_are_seen_by_its_iteration() -> None:
     """Flask's stream_with_context works: the call and its body share one context."""
-    from flask import Flask, Response, request as flask_request, stream_with_context
+    from flask import Flask, Response, stream_with_context
+    from flask import request as flask_request
 
     flask_app = Flask(__name__)
 

@@ -12,9 +12,10 @@ import anyio
 import httpx
 import pytest
 
-from conftest import wait_until
-from llmbridge._sse import SSEDecoder, ServerSentEvent
+from llmbridge._sse import ServerSentEvent, SSEDecoder
 from llmbridge.testing import SimulatedGenerator
+
+from conftest import wait_until
 from support import PYTHON, Server, free_port, run_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -69,6 +70,10 @@ def text_of(got: list[ServerSentEvent]) -> str:
 
 async def stats(client: httpx.AsyncClient, base: str) -> Any:
     return (await client.get(f"{base}/stats")).json()
+
+
+def read_text(path: Path) -> str:
+    return path.read_text()
 
 
 def threads_of(pid: int) -> int:
@@ -134,14 +139,17 @@ async def test_uvicorn_100_open_streams_use_only_the_pool(uvicorn: Server) -> No
             nonlocal opened
             url = f"{uvicorn.url}/sse?prompt=t{i}&n=100000"
             async with client.stream("GET", url) as response:
-                async for _ in response.aiter_bytes():
-                    break
+                # Keep the iterator referenced: a dropped one is finalised, which closes
+                # the response (a disconnect).
+                chunks = response.aiter_bytes()
+                await chunks.__anext__()
                 opened += 1
                 if opened == 100:
                     all_open.set()
                 await all_open.wait()
                 # Stay open until the thread count was read.
                 await done.wait()
+                await chunks.aclose()
 
         done = anyio.Event()
         async with anyio.create_task_group() as tg:
@@ -177,7 +185,7 @@ async def test_uvicorn_sigterm_ends_streams_with_a_final_event(
     assert got[-1].json()["status"] == 503
     assert uvicorn.proc.wait(20) is not None
     assert wait_until(lambda: shutdown_file.exists(), 5)
-    assert shutdown_file.read_text().startswith("shutdown ")
+    assert read_text(shutdown_file).startswith("shutdown ")
 
 
 @pytest.mark.timeout(90)
@@ -211,5 +219,5 @@ async def test_gunicorn_preload_two_workers_stream_and_drain_on_sigterm(
         assert final[-1].event == "error"
         assert final[-1].json()["error"] == "EngineClosed"
         assert server.proc.wait(30) == 0
-        lines = shutdown_file.read_text().split()
+        lines = read_text(shutdown_file).split()
         assert lines.count("shutdown") == 2, server.log()

@@ -8,11 +8,11 @@ from typing import Any
 
 import anyio
 import pytest
+from asgi_driver import Client, request
 from flask import Flask, Response
 
-from asgi_driver import Client, request
 from llmbridge._body import ASYNC_BODY_KEY, StreamBody
-from llmbridge._sse import SSEDecoder, ServerSentEvent
+from llmbridge._sse import ServerSentEvent, SSEDecoder
 from llmbridge.asgi import WSGIMiddleware, to_asgi
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine

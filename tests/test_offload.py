@@ -9,11 +9,14 @@ import threading
 import time
 
 import anyio
+import anyio.to_thread
 import pytest
 
-from conftest import wait_until
 from llmbridge import Timeout
 from llmbridge._offload import DEFAULT, Offloader, run_in_process, run_in_thread
+from llmbridge._portal import spawn
+
+from conftest import wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -98,9 +101,7 @@ async def test_abandoned_thread_calls_stay_within_the_pool() -> None:
     assert limiter.borrowed_tokens == 2  # held by the two abandoned threads
 
     release.set()
-    with anyio.fail_after(10):
-        while limiter.borrowed_tokens:
-            await anyio.sleep(0.01)
+    assert await anyio.to_thread.run_sync(wait_until, lambda: limiter.borrowed_tokens == 0)
     assert await run_in_thread(whoami, "again", limiter=limiter)
     assert len(started) == 2
 
@@ -158,7 +159,7 @@ async def test_run_in_process_timeout_kills_the_worker() -> None:
     killed, freeing the slot."""
     limiter = anyio.CapacityLimiter(1)
     pid, _, _ = await run_in_process(whoami, "warm", limiter=limiter)
-    with pytest.raises(Timeout, match="hold_gil did not finish within 0.5 s"):
+    with pytest.raises(Timeout, match=r"hold_gil did not finish within 0\.5 s"):
         await run_in_process(hold_gil, 30.0, timeout=0.5, limiter=limiter)
     assert limiter.borrowed_tokens == 0
 
@@ -266,3 +267,25 @@ def test_offloader_rejects_bad_configuration() -> None:
         Offloader(max_processes=True)
     with pytest.raises(ValueError, match="timeout"):
         Offloader(timeout=0)
+
+
+@pytest.mark.timeout(60)
+def test_background_loop_calls_share_long_lived_workers() -> None:
+    """On the background loop, each call is a short task: workers must outlive it. The
+    same worker process serves sequential calls, and a call ending never kills the
+    worker of another call still running."""
+    pids = {offloader.call_in_process(whoami, "seq")[0] for _ in range(5)}
+    assert len(pids) == 1
+    threads = {offloader.call_in_thread(threading.get_ident) for _ in range(5)}
+    assert len(threads) == 1
+
+    long_call = spawn(offloader.arun_in_process(hold_gil, 0.5))
+    assert spawn(offloader.arun_in_process(whoami, "short")).result(30)[2] == "short"
+    assert long_call.result(30) == 0.5
+
+
+@pytest.mark.anyio
+async def test_blocking_calls_are_refused_on_an_event_loop() -> None:
+    """call_in_thread on a running loop would stall it: it raises and names the twin."""
+    with pytest.raises(RuntimeError, match="await arun_in_thread"):
+        offloader.call_in_thread(whoami, "x")

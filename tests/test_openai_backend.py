@@ -378,3 +378,22 @@ def test_client_leaving_a_chained_stream_closes_the_upstream(
         assert tiny.closed_event("leave").wait(10), "the upstream never saw the client go"
     # Flask notices on its next write (the upstream sends every 20 ms): bounded, not exact.
     assert tiny.closed["leave"] - left_at < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_backends_and_openai_modules_import_nothing_heavy() -> None:
+    """Importing llmbridge.backends / llmbridge.openai loads no httpx, torch, transformers,
+    flask or quart; touching an adapter loads only its own dependency."""
+    import subprocess
+
+    code = (
+        "import sys, llmbridge, llmbridge.backends, llmbridge.openai\n"
+        "heavy = {'httpx', 'torch', 'transformers', 'flask', 'quart'}\n"
+        "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
+        "llmbridge.backends.ExLlamaV2Adapter, llmbridge.backends.LlamaCppBackend\n"
+        "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
+        "llmbridge.backends.OpenAIBackend\n"
+        "assert 'httpx' in sys.modules and 'torch' not in sys.modules\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr

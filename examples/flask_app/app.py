@@ -18,14 +18,15 @@ It runs on the simulated engine unless given another one. Configuration comes fr
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 from flask import Flask, Response, current_app, render_template, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from llmbridge import BadRequest, Submitter
-from llmbridge.flask import FlaskBridge, problem_response
+from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine
 
 from . import slow
@@ -69,14 +70,20 @@ def create_app(config: dict[str, Any] | None = None, *, engine: Submitter | None
     bridge.init_app(app, engine=engine)
 
     @app.errorhandler(HTTPException)
-    def api_errors(error: HTTPException) -> Response | HTTPException:
-        # The API answers in JSON; the HTML page keeps Flask's default pages.
-        if request.path.startswith("/v1/"):
-            wrapped = BadRequest(error.description or error.name)
-            wrapped.status = error.code or 500
-            wrapped.title = error.name
-            return problem_response(wrapped)
-        return error
+    def http_errors(error: HTTPException) -> Response | HTTPException:
+        # The JSON endpoints answer errors in JSON too; the HTML page keeps Flask's.
+        if request.path == "/":
+            return error
+        body = {
+            "type": "about:blank",
+            "title": error.name,
+            "status": error.code,
+            "detail": error.description,
+        }
+        response = error.get_response()
+        response.set_data(json.dumps(body))
+        response.content_type = "application/problem+json"
+        return response
 
     app.add_url_rule("/", view_func=index)
     app.add_url_rule("/healthz", view_func=healthz)
@@ -162,18 +169,12 @@ def stats() -> dict[str, Any]:
     return out
 
 
-def knowledge(topic: str) -> Response | dict[str, str]:
+def knowledge(topic: str) -> dict[str, str]:
     """A tiny document store, the default upstream of ``/v1/answer``."""
     text = KNOWLEDGE.get(topic)
     if text is None:
-        return problem_response(_not_found(topic))
+        raise NotFound(f"no document about {topic!r}")
     return {"topic": topic, "text": text}
-
-
-def _not_found(topic: str) -> BadRequest:
-    error = BadRequest(f"no document about {topic!r}")
-    error.status, error.title = 404, "Not found"
-    return error
 
 
 def complete() -> dict[str, Any]:
@@ -213,7 +214,7 @@ async def answer() -> dict[str, Any]:
     base = current_app.config["EXAMPLE_RETRIEVAL_URL"] or request.host_url.rstrip("/") + "/kb"
     reply = await http.get(f"{base}/{topic}")
     if reply.status_code == 404:
-        raise _not_found(topic)
+        raise NotFound(f"no document about {topic!r}")
     reply.raise_for_status()
     context = reply.json()["text"]
     text = await bridge.agenerate(f"{context}\n\nQ: {question}\nA:", **generation_params(body))
