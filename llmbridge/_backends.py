@@ -61,6 +61,9 @@ class StepGenerator(Protocol):
     def cancel(self, job: Any) -> Any: ...
 
 
+# Marks a queued job whose consumer cancelled it: it already left the admission count.
+_DROPPED: Any = object()
+
 _LENGTH_REASONS = frozenset({"max_new_tokens", "length", "max_tokens"})
 
 
@@ -130,12 +133,16 @@ class StepBackend:
                 if job.id in active:
                     by_handle.pop(id(job.handle), None)
                     self._drop(job)
+                elif not job.channel.started and job.handle is not _DROPPED:
+                    job.handle = _DROPPED  # still queued: free its admission slot now
+                    jobs.drop(job)
             if jobs.expired:
                 self._expire(jobs, waiting, by_handle)
             while waiting and len(active) < self.max_batch_size:
                 job = waiting.popleft()
                 if job.ended:
-                    jobs.drop(job)
+                    if job.handle is not _DROPPED:
+                        jobs.drop(job)
                     continue
                 job.start()
                 try:
@@ -211,7 +218,9 @@ class StepBackend:
             self._drop(job)
         by_handle.clear()
         while waiting:
-            jobs.drop(waiting.popleft(), error)
+            job = waiting.popleft()
+            if job.handle is not _DROPPED:
+                jobs.drop(job, error)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -292,12 +301,16 @@ class _AsyncDriver:
                     task = self.tasks.get(job.id)
                     if task is not None:
                         task.cancel()
+                    elif not job.channel.started and job.handle is not _DROPPED:
+                        job.handle = _DROPPED  # still queued: free its admission slot now
+                        jobs.drop(job)
                 if jobs.expired:
                     self._expire()
                 while self.waiting and len(self.tasks) < self.max_concurrency:
                     job = self.waiting.popleft()
                     if job.ended:
-                        jobs.drop(job)
+                        if job.handle is not _DROPPED:
+                            jobs.drop(job)
                         continue
                     job.start()
                     task = loop.create_task(self._run(job))
@@ -332,7 +345,9 @@ class _AsyncDriver:
             if live is not None:
                 live.fail(error)
         while self.waiting:
-            self.jobs.drop(self.waiting.popleft(), error)
+            job = self.waiting.popleft()
+            if job.handle is not _DROPPED:
+                self.jobs.drop(job, error)
 
     async def _run(self, job: Job) -> None:
         try:
@@ -407,9 +422,21 @@ class CallableBackend:
             return
         import anyio.to_thread
 
-        # Not abandoned on cancel: the worker sees the job ended and stops between
-        # chunks, so a cancelled call never leaves a thread running past the pool size.
-        await anyio.to_thread.run_sync(_run_sync, fn, request, job, limiter=self._limiter)
+        # The call runs in a task of its own, so cancelling this one (the consumer left)
+        # doesn't release the pool slot while the thread still runs: we wait for the
+        # worker, which stops at its next chunk now that the job has ended. A second
+        # cancellation (the engine's close deadline) abandons it.
+        worker = asyncio.ensure_future(
+            anyio.to_thread.run_sync(_run_sync, fn, request, job, limiter=self._limiter)
+        )
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            if not worker.done():
+                await asyncio.wait((worker,))
+            if not worker.cancelled():
+                worker.exception()  # retrieved: the request already ended
+            raise
 
 
 async def _emit_async(chunks: AsyncIterator[Any], job: Job) -> None:

@@ -374,14 +374,16 @@ class Engine:
             if self._queued >= self.max_queued:
                 raise Overloaded(f"{self.name}: {self._queued} requests already queued")
             self._queued += 1
+            jobs = self._jobs
+            request = Request(f"req-{next(_ids)}", prompt, params)
+            channel = Channel(request)
+            job = Job(jobs, request, channel)
+            channel.set_on_cancel(lambda: jobs._cancel(job))
+            # Queued under the lock: a crashing engine thread swaps its queue under the
+            # same lock, so a job lands either in the old queue (and is failed) or the new.
+            jobs._put(job)
             if self._state == _NEW:
                 self._start_locked()
-            jobs = self._jobs
-        request = Request(f"req-{next(_ids)}", prompt, params)
-        channel = Channel(request)
-        job = Job(jobs, request, channel)
-        channel.set_on_cancel(lambda: jobs._cancel(job))
-        jobs._put(job)
         return Stream(channel)
 
     def close(self, timeout: float | None = None) -> None:
@@ -457,9 +459,9 @@ class Engine:
             self.backend.serve(jobs)
         except BaseException as exc:  # the backend's loop itself died
             logger.exception("%s: backend %r crashed", self.name, self.backend)
-            self._crashed = exc
-            self._fail_pending(jobs, exc)
             with self._lock:
+                self._crashed = exc
+                self._fail_pending(jobs, exc)
                 if self._state == _RUNNING:
                     # Recover: the next submit starts a fresh thread on a fresh queue.
                     self._jobs = JobQueue(self)

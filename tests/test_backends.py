@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import BackendError, Cancelled, Engine, EngineClosed
 from llmbridge.backends import CallableBackend
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,8 +27,7 @@ def test_sync_generator_streams_chunks() -> None:
     """A sync generator's chunks arrive in order."""
 
     def gen(prompt: str) -> Iterator[str]:
-        for ch in prompt:
-            yield ch
+        yield from prompt
 
     with Engine(gen) as engine:
         assert "".join(engine.submit("hello")) == "hello"
@@ -211,3 +211,55 @@ def test_bad_callable_backend_options() -> None:
         CallableBackend(lambda p: p, max_concurrency=-1)
     with pytest.raises(TypeError):
         CallableBackend("not callable")  # type: ignore[arg-type]
+
+
+def test_a_cancelled_sync_call_keeps_its_slot_until_its_thread_stops() -> None:
+    """With one slot, the next call starts only after the cancelled one's thread ended."""
+    inside = threading.Lock()
+    collisions = 0
+
+    def fn(prompt: str) -> Iterator[str]:
+        nonlocal collisions
+        if not inside.acquire(blocking=False):
+            collisions += 1
+            yield "collision"
+            return
+        try:
+            for i in range(200):
+                time.sleep(0.002)
+                yield f"{prompt}{i} "
+        finally:
+            inside.release()
+
+    with Engine(CallableBackend(fn, max_concurrency=1, max_threads=1)) as engine:
+        first = engine.submit("a")
+        next(iter(first))
+        first.cancel()
+        assert engine.submit("b").result(timeout=20).text.startswith("b0 b1 ")
+    assert collisions == 0
+
+
+def test_cancelling_a_queued_request_frees_its_admission_slot_at_once() -> None:
+    """A request cancelled while still queued stops counting against max_queued."""
+    release = threading.Event()
+
+    def slow(prompt: str) -> str:
+        release.wait(10)
+        return prompt
+
+    engine = Engine(CallableBackend(slow, max_concurrency=1, max_threads=1), max_queued=2)
+    try:
+        running = engine.submit("running")
+        assert wait_until(lambda: engine.queued == 0)
+        queued = [engine.submit("q1"), engine.submit("q2")]
+        for s in queued:
+            s.cancel()
+        assert wait_until(lambda: engine.queued == 0)
+        replacement = [engine.submit("r1"), engine.submit("r2")]
+        release.set()
+        assert running.result(timeout=10).text == "running"
+        assert [s.result(timeout=10).text for s in replacement] == ["r1", "r2"]
+        assert engine.queued == 0
+    finally:
+        release.set()
+        engine.close()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import wait_until
 from llmbridge import Overloaded
 from llmbridge._body import StreamBody, problem
 from llmbridge._sse import SSEDecoder
 from llmbridge._stream import Channel, Request, Stream
 from llmbridge.testing import SimulatedGenerator, simulated_engine
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

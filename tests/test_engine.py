@@ -362,3 +362,19 @@ def test_forked_child_gets_a_fresh_working_engine() -> None:
     engine.close()
     assert os.waitstatus_to_exitcode(status) == 0
     assert child_text == expected
+
+
+def test_cancelling_queued_step_jobs_frees_admission_slots() -> None:
+    """Queued (not yet batched) jobs cancelled by their consumers leave the queue at once."""
+    with make(step_time=0.002, max_new_tokens=10_000, max_batch_size=1, max_queued=3) as engine:
+        first = engine.submit("running")
+        first.wait_started(timeout=10)
+        queued = [engine.submit(f"q{i}") for i in range(3)]
+        with pytest.raises(Overloaded):
+            engine.submit("full")
+        for s in queued:
+            s.cancel()
+        assert wait_until(lambda: engine.queued == 0)
+        again = engine.submit("fits again", max_new_tokens=2)
+        first.cancel()
+        assert again.result(timeout=10).completion_tokens == 2

@@ -41,7 +41,7 @@ def test_every_public_name_has_a_docstring() -> None:
     for name in llmbridge.__all__:
         obj = getattr(llmbridge, name)
         if callable(obj):
-            assert obj.__doc__ and obj.__doc__.strip(), name
+            assert (obj.__doc__ or "").strip(), name
 
 
 def test_exception_tree_is_rooted_and_maps_to_statuses() -> None:
