@@ -275,7 +275,9 @@ class FlaskBridge:
         ``start_timeout``. Closing the stream (or dropping it) cancels the job. Pass a
         :class:`~llmbridge.Stream` you submitted yourself to start it the same way.
         """
-        stream = self._submit(prompt, params)
+        return self._started(self._submit(prompt, params))
+
+    def _started(self, stream: Stream) -> Stream:
         timeout = self._state().settings["start_timeout"]
         try:
             stream.wait_started(timeout)
@@ -308,10 +310,11 @@ class FlaskBridge:
         and usage, or ``event: error`` with a problem object. Blocks until the first
         output like :meth:`stream`, so early failures are problem responses. The server
         closing the response (client gone) cancels the job. Under an ASGI adapter that
-        offers ``llmbridge.async_body``, the body is pumped on the server's loop and
-        holds no thread.
+        offers ``llmbridge.async_body`` (``llmbridge.asgi``), it returns at once: the
+        adapter waits for the first output and pumps the body on its loop, holding no
+        thread, and still answers early failures with a problem response.
         """
-        return self._response(self.stream(prompt, **params), "sse")
+        return self._stream_response(prompt, params, "sse")
 
     async def asse(self, prompt: str | Stream, /, **params: Any) -> Response:
         """The async twin of :meth:`sse`, for ``async def`` views."""
@@ -320,7 +323,21 @@ class FlaskBridge:
     def stream_response(self, prompt: str | Stream, /, **params: Any) -> Response:
         """A ``text/plain`` response streaming the raw completion text (see :meth:`sse`
         for when it blocks and how it ends; an error mid-stream drops the connection)."""
-        return self._response(self.stream(prompt, **params), "text")
+        return self._stream_response(prompt, params, "text")
+
+    def _stream_response(
+        self, prompt: str | Stream, params: dict[str, Any], format: BodyFormat
+    ) -> Response:
+        stream = self._submit(prompt, params)
+        if self._pump() is None:
+            stream = self._started(stream)
+        # else: the ASGI adapter awaits the first output on its loop and answers an early
+        # failure with a problem response itself, so no worker thread waits for it here.
+        return self._response(stream, format)
+
+    @staticmethod
+    def _pump() -> Callable[[StreamBody], Iterable[bytes]] | None:
+        return request.environ.get(ASYNC_BODY_KEY) if has_request_context() else None
 
     async def astream_response(self, prompt: str | Stream, /, **params: Any) -> Response:
         """The async twin of :meth:`stream_response`."""
@@ -340,9 +357,7 @@ class FlaskBridge:
             "X-Accel-Buffering": "no",  # nginx: don't buffer the stream
             "X-LLMBridge-Request-Id": stream.id,
         }
-        pump: Callable[[StreamBody], Iterable[bytes]] | None = None
-        if has_request_context():
-            pump = request.environ.get(ASYNC_BODY_KEY)
+        pump = self._pump()
         if pump is not None:
             return Response(
                 pump(body), content_type=body.media_type, headers=headers, direct_passthrough=True
