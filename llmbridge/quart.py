@@ -46,7 +46,7 @@ from ._exceptions import LLMBridgeError, Timeout
 from ._offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
 from ._stream import Stream
 
-__all__ = ["QuartBridge", "problem_response"]
+__all__ = ["QuartBridge", "StartingStream", "problem_response"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
