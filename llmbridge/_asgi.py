@@ -30,7 +30,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._body import ASYNC_BODY_KEY, StreamBody, problem
+from ._body import ASYNC_BODY_KEY, StreamBody, problem, retry_after_value
 from ._drain import Drain, as_hooks, call_hook, find_engines
 from ._exceptions import LLMBridgeError
 
@@ -344,9 +344,9 @@ async def send_problem(send: Send, error: BaseException) -> None:
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(data)).encode()),
     ]
-    retry_after = body.get("retry_after")
+    retry_after = retry_after_value(error)
     if retry_after is not None:
-        headers.append((b"retry-after", str(max(0, round(retry_after))).encode()))
+        headers.append((b"retry-after", retry_after.encode()))
     await send({"type": "http.response.start", "status": body["status"], "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
 

@@ -14,14 +14,22 @@ an ordinary iterable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+import math
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from ._exceptions import Cancelled, LLMBridgeError
 from ._sse import encode_chunk, encode_comment, encode_done, encode_error
 from ._stream import Stream
 
-__all__ = ["ASYNC_BODY_KEY", "StreamBody", "problem"]
+__all__ = [
+    "ASYNC_BODY_KEY",
+    "StreamBody",
+    "check_bridge_options",
+    "problem",
+    "problem_headers",
+    "retry_after_value",
+]
 
 ASYNC_BODY_KEY = "llmbridge.async_body"
 
@@ -48,6 +56,42 @@ def problem(error: BaseException) -> dict[str, Any]:
         "detail": "the request failed",
         "error": "InternalError",
     }
+
+
+def retry_after_value(error: BaseException) -> str | None:
+    """The ``Retry-After`` header value for ``error`` (whole seconds, rounded up), if any."""
+    after = getattr(error, "retry_after", None)
+    if after is None:
+        return None
+    return str(max(0, math.ceil(after)))
+
+
+def problem_headers(error: BaseException) -> dict[str, str]:
+    """Headers of a problem response: its content type, and ``Retry-After`` when set."""
+    headers = {"Content-Type": "application/problem+json"}
+    after = retry_after_value(error)
+    if after is not None:
+        headers["Retry-After"] = after
+    return headers
+
+
+#: Options given in seconds: each must be a number > 0, or None for "no limit".
+_SECONDS_OPTIONS = ("heartbeat", "start_timeout", "timeout", "offload_timeout")
+
+
+def check_bridge_options(owner: str, options: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    """Refuse unknown option names and non-positive durations with a clear message."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"unknown {owner} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for name in _SECONDS_OPTIONS:
+        value = options.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+        ):
+            raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
 
 
 class StreamBody:

@@ -41,6 +41,9 @@ __all__ = [
     "render_messages",
     "response_body",
     "retry_after_header",
+    "ROUTE_METHODS",
+    "SSE_HEADERS",
+    "method_not_allowed_body",
 ]
 
 Kind = Literal["chat", "completion"]
@@ -558,6 +561,23 @@ def model_body(settings: Settings, model: str) -> dict[str, Any] | None:
     if model not in settings.models:
         return None
     return {"id": model, "object": "model", "created": 0, "owned_by": settings.owned_by}
+
+
+#: Every method the routes answer, so a wrong one gets an OpenAI-shaped 405, not HTML.
+ROUTE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def method_not_allowed_body(method: str, allowed: str) -> dict[str, Any]:
+    """The OpenAI-shaped body of a 405 for ``method`` where only ``allowed`` is served."""
+    return {
+        "error": {
+            "message": f"Method {method} is not allowed here; use {allowed}.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "method_not_allowed",
+        }
+    }
 
 
 def retry_after_header(error: BaseException) -> dict[str, str]:

@@ -16,12 +16,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._engine import Submitter
 from ._exceptions import LLMBridgeError
 from ._openai_api import (
+    ROUTE_METHODS,
+    SSE_HEADERS,
     ChunkShaper,
     InvalidRequest,
     ParsedRequest,
     Settings,
     decode_json,
     error_body,
+    method_not_allowed_body,
     model_body,
     models_body,
     parse_chat,
@@ -34,8 +37,8 @@ from ._stream import Stream
 
 __all__ = ["flask_blueprint"]
 
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_METHODS = ROUTE_METHODS
+_SSE_HEADERS = SSE_HEADERS
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -53,18 +56,7 @@ def _error(error: BaseException) -> Response:
 
 
 def _not_allowed(allowed: str) -> Response:
-    return _json(
-        {
-            "error": {
-                "message": f"Method {request.method} is not allowed here; use {allowed}.",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "method_not_allowed",
-            }
-        },
-        405,
-        {"Allow": allowed},
-    )
+    return _json(method_not_allowed_body(request.method, allowed), 405, {"Allow": allowed})
 
 
 def _events(stream: Stream, parsed: ParsedRequest, heartbeat: float | None) -> Iterator[bytes]:

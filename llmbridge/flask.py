@@ -26,7 +26,6 @@ process's one background event loop instead of a new loop per call.
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar, overload
@@ -38,7 +37,14 @@ except ImportError:  # pragma: no cover - exercised without flask installed
 
 import anyio
 
-from ._body import ASYNC_BODY_KEY, BodyFormat, StreamBody, problem
+from ._body import (
+    ASYNC_BODY_KEY,
+    BodyFormat,
+    StreamBody,
+    check_bridge_options,
+    problem,
+    problem_headers,
+)
 from ._engine import Submitter
 from ._exceptions import LLMBridgeError, Timeout
 from ._flask_async import loop_async_to_sync
@@ -63,18 +69,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(_SETTINGS))
-    if unknown:
-        raise TypeError(
-            f"unknown FlaskBridge option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_SETTINGS))}"
-        )
-    for name in ("heartbeat", "start_timeout", "timeout", "offload_timeout"):
-        value = options.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
-        ):
-            raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
+    check_bridge_options("FlaskBridge", options, _SETTINGS)
 
 
 def problem_response(error: LLMBridgeError) -> Response:
@@ -82,14 +77,13 @@ def problem_response(error: LLMBridgeError) -> Response:
     body (:func:`llmbridge._body.problem`) and ``Retry-After`` when it has
     ``retry_after``. The bridge registers it as the app's handler for
     :class:`~llmbridge.LLMBridgeError`; never raises."""
-    response = Response(
+    headers = problem_headers(error)
+    return Response(
         json.dumps(problem(error)),
         status=error.status,
-        content_type="application/problem+json",
+        content_type=headers.pop("Content-Type"),
+        headers=headers,
     )
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(max(0, math.ceil(error.retry_after)))
-    return response
 
 
 class _AppState:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -39,7 +38,7 @@ except ImportError:  # pragma: no cover - exercised without quart installed
 
 import anyio
 
-from ._body import BodyFormat, StreamBody, problem
+from ._body import BodyFormat, StreamBody, check_bridge_options, problem, problem_headers
 from ._drain import Drain, find_engines
 from ._engine import Submitter
 from ._exceptions import LLMBridgeError, Timeout
@@ -66,31 +65,19 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(_SETTINGS))
-    if unknown:
-        raise TypeError(
-            f"unknown QuartBridge option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_SETTINGS))}"
-        )
-    for name in ("heartbeat", "start_timeout", "timeout", "offload_timeout"):
-        value = options.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
-        ):
-            raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
+    check_bridge_options("QuartBridge", options, _SETTINGS)
 
 
 def problem_response(error: LLMBridgeError) -> Response:
     """The ``application/problem+json`` response for ``error``, with ``Retry-After`` when
     it has ``retry_after``. The bridge registers it for :class:`~llmbridge.LLMBridgeError`."""
-    response = Response(
+    headers = problem_headers(error)
+    return Response(
         json.dumps(problem(error)),
         status=error.status,
-        content_type="application/problem+json",
+        content_type=headers.pop("Content-Type"),
+        headers=headers,
     )
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(max(0, math.ceil(error.retry_after)))
-    return response
 
 
 class _AsyncOffloaded(Offloaded[P, T]):
