@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs Flask's own test suite (from the installed version's sdist) twice: plain, and with
+# FlaskBridge installed on every app it creates. The two outcomes must be identical.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+version="$(python -c 'import importlib.metadata as m; print(m.version("flask"))')"
+python -m pip download -q --no-deps --no-binary :all: -d "$work" "flask==$version" 2>/dev/null
+tar xzf "$work/flask-$version.tar.gz" -C "$work"
+cd "$work/flask-$version"
+outcome() {
+    # One line per test id and outcome, sorted: comparable between the two runs.
+    python -m pytest tests -q -p no:cacheprovider -W ignore -rA "$@" 2>&1 \
+        | grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) ' | sort || true
+}
+outcome > "$work/plain.txt"
+PYTHONPATH="$root/tests" outcome -p flask_upstream_plugin > "$work/bridged.txt"
+if ! diff -u "$work/plain.txt" "$work/bridged.txt"; then
+    echo "Flask's own tests behave differently with FlaskBridge installed" >&2
+    exit 1
+fi
+echo "Flask $version's own test suite: $(grep -c '^PASSED' "$work/plain.txt") passed," \
+     "identical with FlaskBridge installed on every app"
