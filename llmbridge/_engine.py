@@ -130,10 +130,6 @@ class JobQueue:
 
     # -- producers (any thread) -------------------------------------------------------
 
-    def _put(self, job: Job) -> None:
-        self._commands.append((True, job))
-        self._notifier()
-
     def _cancel(self, job: Job) -> None:
         self._commands.append((False, job))
         self._notifier()
@@ -381,9 +377,10 @@ class Engine:
             channel.set_on_cancel(lambda: jobs._cancel(job))
             # Queued under the lock: a crashing engine thread swaps its queue under the
             # same lock, so a job lands either in the old queue (and is failed) or the new.
-            jobs._put(job)
+            jobs._commands.append((True, job))
             if self._state == _NEW:
                 self._start_locked()
+        jobs._notifier()  # outside the lock: waking a loop is a syscall
         return Stream(channel)
 
     def close(self, timeout: float | None = None) -> None:
