@@ -97,6 +97,9 @@ def check_bridge_options(owner: str, options: Mapping[str, Any], known: Mapping[
 class StreamBody:
     """The bytes of one streamed response, readable from a thread or a coroutine.
 
+    ``start_timeout`` is for servers that await the first output on their loop (see
+    :data:`ASYNC_BODY_KEY`): past it they answer :class:`~llmbridge.Timeout` (504).
+
     ``format="sse"``: each chunk is an event ``data: {"text": ...}``; a comment every
     ``heartbeat`` seconds of silence; at the end ``event: done`` with finish reason and
     usage, or ``event: error`` with a problem object. ``format="text"``: the raw UTF-8
@@ -112,6 +115,7 @@ class StreamBody:
         *,
         format: BodyFormat = "sse",
         heartbeat: float | None = 15.0,
+        start_timeout: float | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         if format not in ("sse", "text"):
@@ -121,6 +125,9 @@ class StreamBody:
         self.stream = stream
         self.format = format
         self.heartbeat = heartbeat if format == "sse" else None
+        #: How long a server that awaits the first output itself (``ASYNC_BODY_KEY``)
+        #: may wait before answering 504; ``None``: no limit.
+        self.start_timeout = start_timeout
         self._on_close = on_close
         self._closed = False
 

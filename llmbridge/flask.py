@@ -345,7 +345,13 @@ class FlaskBridge:
         return self._state().engine.submit(prompt, **params)
 
     def _response(self, stream: Stream, format: BodyFormat) -> Response:
-        body = StreamBody(stream, format=format, heartbeat=self._state().settings["heartbeat"])
+        settings = self._state().settings
+        body = StreamBody(
+            stream,
+            format=format,
+            heartbeat=settings["heartbeat"],
+            start_timeout=settings["start_timeout"],
+        )
         headers = {
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: don't buffer the stream

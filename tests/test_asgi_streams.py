@@ -281,3 +281,49 @@ def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     from conftest import wait_until
 
     return wait_until(predicate, timeout)
+
+
+async def test_sse_under_the_adapter_holds_no_thread_before_its_first_token() -> None:
+    """bridge.sse() returns at once under the adapter; a slow start still gets its 504."""
+    import threading
+
+    release = threading.Event()
+
+    def slow_start(prompt: str) -> Iterator[str]:
+        release.wait(10)
+        yield prompt
+
+    from llmbridge import Engine
+    from llmbridge.backends import CallableBackend
+
+    engine = Engine(CallableBackend(slow_start, max_threads=4))
+    flask_app = Flask(__name__)
+    bridge = FlaskBridge(flask_app, engine=engine, heartbeat=None, start_timeout=0.3)
+
+    @flask_app.get("/sse/<prompt>")
+    def sse(prompt: str) -> Response:
+        return bridge.sse(prompt)
+
+    @flask_app.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    adapter = to_asgi(flask_app, workers=1)
+    try:
+        with anyio.fail_after(10):
+            timed_out = await request(adapter, "GET", "/sse/late")
+        assert timed_out.status == 504
+        assert dict(timed_out.headers)[b"content-type"] == b"application/problem+json"
+        # With one worker thread, a waiting stream must not block other requests.
+        waiting = Client(adapter)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting.request, "GET", "/sse/second")
+            with anyio.fail_after(5):
+                pong = await request(adapter, "GET", "/ping")
+            assert pong.body == b"pong"
+            release.set()
+            await waiting.first_body.wait()
+        assert text_of(waiting.response.body) == "second"
+    finally:
+        release.set()
+        engine.close(5)
