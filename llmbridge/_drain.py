@@ -212,11 +212,6 @@ def find_engines(*sources: Any) -> list[Any]:
         extensions = getattr(obj, "extensions", None)
         if isinstance(extensions, dict):
             visit(extensions.get("llmbridge"), depth + 1)
-        # A bridge keeps one engine per app: look at each app's state, then wrappers.
-        apps = getattr(obj, "_apps", None)
-        if apps is not None and hasattr(apps, "values"):
-            for state in list(apps.values()):
-                visit(getattr(state, "engine", None), depth + 1)
         for name in ("engine", "_engine", "engines", "submitter", "inner", "_inner"):
             try:
                 inner = getattr(obj, name, None)

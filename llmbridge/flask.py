@@ -196,6 +196,11 @@ class FlaskBridge:
         )
 
     @property
+    def engines(self) -> list[Submitter]:
+        """The engine of every app this bridge is installed on (for servers' lifespans)."""
+        return [state.engine for state in list(self._apps.values())]
+
+    @property
     def engine(self) -> Submitter:
         """The engine of the current app (or of the only app)."""
         return self._state().engine
