@@ -12,6 +12,7 @@ import llmbridge
 import llmbridge.asgi
 import llmbridge.backends
 import llmbridge.flask
+import llmbridge.metrics
 import llmbridge.openai
 import llmbridge.policies
 import llmbridge.quart
@@ -22,6 +23,7 @@ PUBLIC_MODULES = [
     llmbridge.asgi,
     llmbridge.backends,
     llmbridge.flask,
+    llmbridge.metrics,
     llmbridge.openai,
     llmbridge.policies,
     llmbridge.quart,
