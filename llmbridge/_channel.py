@@ -273,6 +273,52 @@ class Channel:
             raise self._error
         raise stop
 
+    # Waiting: a thread sleeps on the channel's condition (notified only when someone
+    # waits), a coroutine parks one future that the producer resolves on its loop.
+
+    def _wait_locked(self, deadline: float | None) -> bool:
+        """Sleep until notified or ``deadline``; False once the deadline has passed."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
+        self._sync_waiters += 1
+        try:
+            self._cond.wait(remaining)
+        finally:
+            self._sync_waiters -= 1
+        return True
+
+    def _park_locked(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiter = (loop, future)
+        return future
+
+    async def _wake_or_timeout(self, future: asyncio.Future[None], timeout: float | None) -> bool:
+        """Await the producer's wake-up; False on ``timeout``. Task cancellation cancels
+        the request: the consumer gave up."""
+        try:
+            if timeout is None:
+                await future
+                return True
+            done, _ = await asyncio.wait((future,), timeout=timeout)
+        except asyncio.CancelledError:
+            self.cancel("the consuming task was cancelled")
+            raise
+        if done:
+            return True
+        with self._lock:
+            if self._waiter is not None and self._waiter[1] is future:
+                self._waiter = None
+        return future.done()
+
+    def _raise_if_failed_before_text_locked(self) -> None:
+        if not self._parts and self._state == _FAILED:
+            assert self._error is not None
+            raise self._error
+
     def next_text(self, timeout: float | None = None) -> str | None:
         """Block until there is unread text; return all of it.
 
@@ -287,16 +333,8 @@ class Channel:
                     return text
                 if self._state != _RUNNING:
                     self._raise_end_locked(StopIteration)
-                if self._cond is None:
-                    self._cond = threading.Condition(self._lock)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if not self._wait_locked(deadline):
                     return None
-                self._sync_waiters += 1
-                try:
-                    self._cond.wait(remaining)
-                finally:
-                    self._sync_waiters -= 1
 
     async def anext_text(self, timeout: float | None = None) -> str | None:
         """Wait (without blocking the loop) for unread text; return all of it.
@@ -312,39 +350,17 @@ class Channel:
                     return text
                 if self._state != _RUNNING:
                     self._raise_end_locked(StopAsyncIteration)
-                loop = asyncio.get_running_loop()
-                future: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, future)
-            try:
-                if timeout is None:
-                    await future
-                else:
-                    done, _ = await asyncio.wait((future,), timeout=timeout)
-                    if not done:
-                        with self._lock:
-                            if self._waiter is not None and self._waiter[1] is future:
-                                self._waiter = None
-                        if not future.done():
-                            return None
-            except asyncio.CancelledError:
-                self.cancel("the consuming task was cancelled")
-                raise
+                future = self._park_locked()
+            if not await self._wake_or_timeout(future, timeout):
+                return None
 
     def wait_ended(self, timeout: float | None = None) -> bool:
         """Block until the channel ends; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._state == _RUNNING:
-                if self._cond is None:
-                    self._cond = threading.Condition(self._lock)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if not self._wait_locked(deadline):
                     return False
-                self._sync_waiters += 1
-                try:
-                    self._cond.wait(remaining)
-                finally:
-                    self._sync_waiters -= 1
         return True
 
     async def await_ended(self) -> None:
@@ -353,51 +369,27 @@ class Channel:
             with self._lock:
                 if self._state != _RUNNING:
                     return
-                loop = asyncio.get_running_loop()
-                future: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, future)
-            try:
-                await future
-            except asyncio.CancelledError:
-                self.cancel("the consuming task was cancelled")
-                raise
+                future = self._park_locked()
+            await self._wake_or_timeout(future, None)
 
     def wait_started(self, timeout: float | None = None) -> None:
         """Block until there is text or the channel ended; raise its error if it failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not self._parts and self._state == _RUNNING:
-                if self._cond is None:
-                    self._cond = threading.Condition(self._lock)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if not self._wait_locked(deadline):
                     raise Timeout(f"no output within {timeout} s")
-                self._sync_waiters += 1
-                try:
-                    self._cond.wait(remaining)
-                finally:
-                    self._sync_waiters -= 1
-            if not self._parts and self._state == _FAILED:
-                assert self._error is not None
-                raise self._error
+            self._raise_if_failed_before_text_locked()
 
     async def await_started(self) -> None:
         """Wait until there is text or the channel ended; raise its error if it failed."""
         while True:
             with self._lock:
                 if self._parts or self._state != _RUNNING:
-                    if not self._parts and self._state == _FAILED:
-                        assert self._error is not None
-                        raise self._error
+                    self._raise_if_failed_before_text_locked()
                     return
-                loop = asyncio.get_running_loop()
-                future: asyncio.Future[None] = loop.create_future()
-                self._waiter = (loop, future)
-            try:
-                await future
-            except asyncio.CancelledError:
-                self.cancel("the consuming task was cancelled")
-                raise
+                future = self._park_locked()
+            await self._wake_or_timeout(future, None)
 
     def completion(self) -> Completion:
         """The :class:`Completion` of an ended channel; raises its error if it failed."""
