@@ -174,6 +174,7 @@ class _Exchange:
         self.raw_send = send
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        self.remaining: int | None = None  # bytes the app's Content-Length still allows
         self.headers_sent = False
         self.disconnected = False
         self.disconnect_event = anyio.Event()
@@ -197,7 +198,22 @@ class _Exchange:
             raise RuntimeError("start_response() called twice without exc_info")
         self.status = _parse_status(status)
         self.headers = _encode_headers(headers)
+        self.remaining = _declared_length(self.headers)
         return self.write
+
+    def clamp(self, data: bytes) -> bytes:
+        """Cut ``data`` to what the app's Content-Length still allows (PEP 3333: never
+        send more than declared)."""
+        if self.remaining is None:
+            return data
+        data = data[: self.remaining]
+        self.remaining -= len(data)
+        return data
+
+    @property
+    def complete(self) -> bool:
+        """True once the declared Content-Length has been sent: stop iterating."""
+        return self.remaining == 0
 
     def write(self, data: bytes) -> None:
         """The legacy ``write()`` callable: send ``data`` now."""
@@ -205,6 +221,7 @@ class _Exchange:
             raise RuntimeError("write() called before start_response()")
         if not isinstance(data, bytes):
             raise TypeError(f"write() takes bytes, got {type(data).__name__}")
+        data = self.clamp(data)
         if data:
             self.send_from_thread(data, more_body=True)
 
@@ -256,12 +273,14 @@ def _parse_status(status: str) -> int:
 
 
 def _encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    # PEP 3333 asks for a list of tuples; like asgiref and werkzeug, also take lists as
+    # pairs (apps in the wild send them), but nothing looser.
     if not isinstance(headers, list):
         raise TypeError(f"headers must be a list of (name, value), got {type(headers).__name__}")
     encoded: list[tuple[bytes, bytes]] = []
     for item in headers:
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise TypeError(f"each header must be a (name, value) tuple, got {item!r}")
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise TypeError(f"each header must be a (name, value) pair, got {item!r}")
         name, value = item
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header names and values must be str, got {item!r}")
@@ -522,8 +541,11 @@ class WSGIMiddleware:
             return
         if exchange.headers_sent or exchange.disconnected:
             raise failure  # the response is under way: the server must abort it
-        logger.error("error in WSGI app %r", self.app, exc_info=failure)
         await send_problem(send, failure)
+        if not isinstance(failure, LLMBridgeError):
+            # The client got its JSON 500; the server logs the crash, as for any ASGI app
+            # (and test transports that re-raise app errors see it).
+            raise failure
 
     def _call(self, environ: dict[str, Any], exchange: _Exchange) -> _AsyncBody | None:
         """The WSGI call, on a worker thread: app, iteration, close()."""
@@ -537,10 +559,13 @@ class WSGIMiddleware:
                     raise TypeError(f"a WSGI app must yield bytes, got {type(chunk).__name__}")
                 if exchange.status is None:
                     raise RuntimeError("the app produced its body before start_response()")
+                chunk = exchange.clamp(chunk)
                 if chunk:
                     if single and not exchange.headers_sent:
                         _set_content_length(exchange, len(chunk))
                     exchange.send_from_thread(chunk, more_body=True)
+                if exchange.complete:
+                    break  # all the declared bytes are out: stop iterating (PEP 3333)
             if exchange.status is None:
                 raise RuntimeError("the app returned without calling start_response()")
             if single and not exchange.headers_sent:
@@ -590,6 +615,17 @@ class WSGIMiddleware:
         finally:
             self.drain.untrack(body)
             handle.close()
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+            return length if length >= 0 else None
+    return None
 
 
 def _set_content_length(exchange: _Exchange, length: int) -> None:

@@ -307,7 +307,8 @@ async def test_non_bytes_chunk_is_a_500_and_the_iterable_is_closed() -> None:
 
 
 async def test_exception_before_start_response_is_a_500_problem() -> None:
-    """A view that raises gets application/problem+json, not a traceback."""
+    """A view that raises: the client gets application/problem+json, not a traceback,
+    and the error then propagates to the server, which logs it (as a2wsgi and asgiref do)."""
 
     def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
         raise KeyError("secret detail")
@@ -316,7 +317,7 @@ async def test_exception_before_start_response_is_a_500_problem() -> None:
     assert response.status == 500
     assert response.header("content-type") == "application/problem+json"
     assert b"secret" not in response.body
-    assert response.error is None
+    assert isinstance(response.error, KeyError)
 
 
 async def test_exception_in_the_body_before_any_byte_is_a_500_and_closes() -> None:
@@ -662,3 +663,39 @@ async def test_contextvars_set_in_the_app_are_seen_by_its_iteration() -> None:
     response = await request(to_asgi(flask_app), "GET", "/stream", query=b"name=n")
     assert response.body == b"n0;n1;n2;"
     assert response.error is None
+
+
+async def test_body_longer_than_content_length_is_clamped_and_iteration_stops() -> None:
+    """PEP 3333: never send more than Content-Length, and stop iterating once it is out."""
+    pulled: list[int] = []
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            for i, chunk in enumerate([b"0123", b"45", b"6789", b"never"]):
+                pulled.append(i)
+                yield chunk
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def app(environ: Environ, start_response: StartResponse) -> Body:
+        start_response("200 OK", [("Content-Length", "8")])
+        return Body()
+
+    response = await request(to_asgi(app))
+    assert response.body == b"01234567"
+    assert response.complete
+    assert pulled == [0, 1, 2]
+    assert closed == [True]
+
+
+async def test_headers_given_as_lists_are_accepted() -> None:
+    """Header pairs as two-item lists (as asgiref and werkzeug accept) work too."""
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [["X-Colour", "Blue"]])  # type: ignore[list-item]
+        return [b"ok"]
+
+    response = await request(to_asgi(app))
+    assert (b"x-colour", b"Blue") in response.headers
