@@ -1,35 +1,25 @@
-"""Session fixtures: a real redis-server, thread and engine leak checks."""
+"""Shared fixtures: a real redis-server for the session, the anyio backend, polling."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from support import free_port, wait_for_port
+from support import start_redis_server
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis-server on 127.0.0.1, started for this test session.
 
-    Never skipped: CI installs redis-server (``.ci/run``); a missing binary fails loudly.
+    Never skipped: a missing binary fails loudly (see ``support.redis_server_binary``).
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: apt-get install redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, url = start_redis_server()
     try:
-        wait_for_port(port, proc=proc)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
         proc.terminate()
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -17,7 +16,7 @@ from llmbridge import Engine, Overloaded
 from llmbridge.policies import Pipeline, RateLimit, RedisCache
 from llmbridge.testing import simulated_engine
 
-from support import ROOT, free_port, wait_for_port
+from support import ROOT, free_port, start_redis_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,24 +111,10 @@ def test_a_cache_entry_written_by_one_process_hits_in_another(redis_url: str) ->
     assert read["texts"] == written["texts"] == [f"answer to q{i}" for i in range(5)]
 
 
-def own_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: apt-get install redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port, proc=proc)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def test_redis_stopping_mid_test_never_fails_requests(caplog: pytest.LogCaptureFixture) -> None:
     """With cache and rate limit in a Redis that dies mid-test, requests keep succeeding
     (uncached, unlimited) with a logged warning."""
-    proc, url = own_redis()
+    proc, url = start_redis_server()
     engine = simulated_engine(step_time=0.0, max_new_tokens=6)
     generator = engine.backend.generator
     cache = RedisCache(url, retry_interval=0.2)
