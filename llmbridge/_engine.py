@@ -15,9 +15,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from ._closing import Closing
 from ._exceptions import BadRequest, Cancelled, EngineClosed, Overloaded
 from ._stream import Channel, Request, Stream, Wakeups
 
@@ -257,7 +257,7 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-class Engine:
+class Engine(Closing):
     """Owns one backend on a dedicated thread; the only way requests reach it.
 
     ``backend`` is a :class:`Backend` (for example a
@@ -413,28 +413,6 @@ class Engine:
         import anyio.to_thread
 
         await anyio.to_thread.run_sync(self.close, timeout)
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Engine:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- internals --------------------------------------------------------------------
 

@@ -28,12 +28,12 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from types import TracebackType
 from typing import Any
 
 from ._breaker import CircuitBreaker, Ticket
 from ._cache import Cache, MemoryCache, RedisCache
 from ._cachekey import NotCacheable, cache_key, is_deterministic
+from ._closing import Closing
 from ._engine import Submitter
 from ._exceptions import (
     BackendError,
@@ -238,7 +238,7 @@ def _counts_against_backend(error: BaseException) -> bool:
     return True
 
 
-class Pipeline:
+class Pipeline(Closing):
     """An engine (any :class:`~llmbridge.Submitter`) wrapped in policies; a submitter itself.
 
     Policies apply in a fixed order: ``rate_limit`` (:class:`RateLimit`) → ``cache``
@@ -432,28 +432,6 @@ class Pipeline:
             await aclose(timeout)
         if self._has_clients():
             await asyncio.wrap_future(spawn(self._aclose_clients()))
-
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Pipeline:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _has_clients(self) -> bool:
         return isinstance(self.cache, RedisCache) or (

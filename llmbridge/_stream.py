@@ -7,15 +7,15 @@ Sync and async iteration, results, cancellation; the channel underneath lives in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from types import TracebackType
 
 from ._channel import Channel, Completion, Request, Wakeups
+from ._closing import Closing
 from ._exceptions import Timeout
 
 __all__ = ["Channel", "Completion", "Request", "Stream", "Wakeups"]
 
 
-class Stream:
+class Stream(Closing):
     """The handle to one submitted request's output.
 
     Iterate it (``for`` in a thread, ``async for`` in a coroutine on any event loop) to
@@ -114,28 +114,6 @@ class Stream:
     async def aclose(self) -> None:
         """Cancel the request if it is still running."""
         self._channel.cancel("the stream was closed")
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __del__(self) -> None:
         # Dropping an unfinished stream means nobody will read it: free the backend slot.
