@@ -14,7 +14,6 @@ computed from the attention mask, so padding never changes a sequence's numbers.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._backends import StepBackend
-from ._exceptions import BadRequest, ConcurrentEntryError
+from ._exceptions import BadRequest
+from ._guard import EntryGuard
 from ._stream import Request
 
 __all__ = ["TransformersGenerator", "TransformersJob", "transformers_backend"]
@@ -102,7 +102,7 @@ class TransformersGenerator:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
-        self._entry = threading.Lock()
+        self._guard = EntryGuard()
         #: Forward passes that advanced the batch by one token.
         self.steps = 0
         #: Forward passes that (re)built the batch from every sequence.
@@ -164,38 +164,24 @@ class TransformersGenerator:
 
     # -- the StepGenerator protocol (one thread) ------------------------------------
 
-    def _enter(self, what: str) -> None:
-        if not self._entry.acquire(blocking=False):
-            raise ConcurrentEntryError(f"{what}() entered while another thread was inside")
-
     def enqueue(self, job: TransformersJob) -> None:
         """Add ``job``; it joins the batch at the next :meth:`iterate`."""
-        self._enter("enqueue")
-        try:
+        with self._guard.enter("enqueue"):
             if job.identifier in self._jobs:
                 raise KeyError(f"job {job.identifier!r} is already enqueued")
             self._jobs[job.identifier] = job
-        finally:
-            self._entry.release()
 
     def cancel(self, job: TransformersJob) -> None:
         """Drop ``job`` before the next decoding step (a no-op once it ended)."""
-        self._enter("cancel")
-        try:
+        with self._guard.enter("cancel"):
             if self._jobs.pop(job.identifier, None) is not None:
                 self.cancelled.append(job.identifier)
-        finally:
-            self._entry.release()
 
     def iterate(self) -> list[dict[str, Any]]:
         """Advance every job by one token; return one result per job (``text`` may be
         empty while a possible stop string is held back)."""
-        self._enter("iterate")
-        try:
-            with torch.inference_mode():
-                return self._iterate()
-        finally:
-            self._entry.release()
+        with self._guard.enter("iterate"), torch.inference_mode():
+            return self._iterate()
 
     # -- internals --------------------------------------------------------------------
 

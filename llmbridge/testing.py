@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._exceptions import ConcurrentEntryError
+from ._guard import EntryGuard
 from ._stream import Request
 
 __all__ = ["SimulatedGenerator", "SimulatedJob", "simulated_engine"]
@@ -126,24 +125,30 @@ class SimulatedGenerator:
         self.vocabulary = tuple(vocabulary)
         self._sleep = sleep
         self._jobs: dict[str, SimulatedJob] = {}
-        self._entry = threading.Lock()
+        self._guard = EntryGuard()
         self._fail_next: BaseException | None = None
         #: Number of completed ``iterate()`` calls.
         self.steps = 0
-        #: Times a second thread entered while another was inside (should stay 0).
-        self.concurrent_entries = 0
         #: Identifiers of jobs dropped by :meth:`cancel`, in order.
         self.cancelled: list[str] = []
         #: Total jobs ever enqueued.
         self.enqueued = 0
         #: Largest number of jobs in flight seen by one ``iterate()``.
         self.max_batch_seen = 0
-        #: ``threading.get_ident()`` of every thread that entered.
-        self.threads: set[int] = set()
         _generators.add(self)
 
     def __repr__(self) -> str:
         return f"<SimulatedGenerator jobs={len(self._jobs)} steps={self.steps}>"
+
+    @property
+    def concurrent_entries(self) -> int:
+        """Times a second thread entered while another was inside (should stay 0)."""
+        return self._guard.concurrent_entries
+
+    @property
+    def threads(self) -> set[int]:
+        """``threading.get_ident()`` of every thread that entered."""
+        return self._guard.threads
 
     @property
     def jobs_in_flight(self) -> int:
@@ -178,36 +183,23 @@ class SimulatedGenerator:
         """Make the next ``iterate()`` raise ``error`` (a crash of the whole generator)."""
         self._fail_next = error
 
-    def _enter(self, what: str) -> None:
-        self.threads.add(threading.get_ident())
-        if not self._entry.acquire(blocking=False):
-            self.concurrent_entries += 1
-            raise ConcurrentEntryError(f"{what}() entered while another thread was inside")
-
     def enqueue(self, job: SimulatedJob) -> None:
         """Add ``job`` to the batch."""
-        self._enter("enqueue")
-        try:
+        with self._guard.enter("enqueue"):
             if job.identifier in self._jobs:
                 raise KeyError(f"job {job.identifier!r} is already enqueued")
             self._jobs[job.identifier] = job
             self.enqueued += 1
-        finally:
-            self._entry.release()
 
     def cancel(self, job: SimulatedJob) -> None:
         """Drop ``job`` from the batch (a no-op if it already ended)."""
-        self._enter("cancel")
-        try:
+        with self._guard.enter("cancel"):
             if self._jobs.pop(job.identifier, None) is not None:
                 self.cancelled.append(job.identifier)
-        finally:
-            self._entry.release()
 
     def iterate(self) -> list[dict[str, Any]]:
         """Advance every job by ``tokens_per_step`` tokens; return one result per job."""
-        self._enter("iterate")
-        try:
+        with self._guard.enter("iterate"):
             if self._fail_next is not None:
                 error, self._fail_next = self._fail_next, None
                 self._jobs.clear()
@@ -251,8 +243,6 @@ class SimulatedGenerator:
                 results.append(result)
             self.steps += 1
             return results
-        finally:
-            self._entry.release()
 
 
 _generators: weakref.WeakSet[SimulatedGenerator] = weakref.WeakSet()
@@ -261,7 +251,7 @@ _generators: weakref.WeakSet[SimulatedGenerator] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # A thread that was inside a generator at fork time stayed in the parent.
     for generator in list(_generators):
-        generator._entry = threading.Lock()
+        generator._guard.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

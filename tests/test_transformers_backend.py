@@ -230,9 +230,20 @@ def test_second_thread_entering_is_detected(parts: tuple[Any, Any]) -> None:
 
     model, tokenizer = parts
     generator = TransformersGenerator(model, tokenizer)
-    generator._entry.acquire()  # as if another thread were inside iterate()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def occupy() -> None:  # another thread, inside the generator
+        with generator._guard.enter("iterate"):
+            inside.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=occupy)
+    other.start()
     try:
+        assert inside.wait(10)
         with pytest.raises(ConcurrentEntryError):
             generator.iterate()
     finally:
-        generator._entry.release()
+        leave.set()
+        other.join(10)
