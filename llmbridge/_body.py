@@ -156,6 +156,22 @@ class StreamBody:
     def _error(self, error: BaseException) -> bytes:
         return encode_error(problem(error))
 
+    def _frame(self, text: str | None) -> bytes:
+        """The bytes for one read: a chunk, or a heartbeat comment after silence."""
+        return encode_comment() if text is None else self._chunk(text)
+
+    def _last(self, error: LLMBridgeError | None) -> bytes | None:
+        """The body's last bytes once the stream ended (``error``: how it failed): the
+        ``done`` or ``error`` event. Re-raises what a text body or a closed one can't
+        frame, so the server drops the connection."""
+        if error is None:
+            return self._end() if self.format == "sse" else None
+        if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
+            raise error
+        return self._error(error)
+
+    # The two loops are twins: only how they wait for text differs.
+
     def __iter__(self) -> Iterator[bytes]:
         channel = self.stream.channel
         try:
@@ -163,15 +179,14 @@ class StreamBody:
                 try:
                     text = channel.next_text(self.heartbeat)
                 except StopIteration:
-                    if self.format == "sse":
-                        yield self._end()
-                    return
+                    last = self._last(None)
+                    break
                 except LLMBridgeError as error:
-                    if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
-                        raise
-                    yield self._error(error)
-                    return
-                yield encode_comment() if text is None else self._chunk(text)
+                    last = self._last(error)
+                    break
+                yield self._frame(text)
+            if last is not None:
+                yield last
         finally:
             self.close()
 
@@ -182,15 +197,14 @@ class StreamBody:
                 try:
                     text = await channel.anext_text(self.heartbeat)
                 except StopAsyncIteration:
-                    if self.format == "sse":
-                        yield self._end()
-                    return
+                    last = self._last(None)
+                    break
                 except LLMBridgeError as error:
-                    if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
-                        raise
-                    yield self._error(error)
-                    return
-                yield encode_comment() if text is None else self._chunk(text)
+                    last = self._last(error)
+                    break
+                yield self._frame(text)
+            if last is not None:
+                yield last
         finally:
             self.close()
 
