@@ -420,23 +420,12 @@ class CallableBackend:
             else:
                 _emit_result(result, job)
             return
-        import anyio.to_thread
+        from ._offload import run_in_thread
 
-        # The call runs in a task of its own, so cancelling this one (the consumer left)
-        # doesn't release the pool slot while the thread still runs: we wait for the
-        # worker, which stops at its next chunk now that the job has ended. A second
-        # cancellation (the engine's close deadline) abandons it.
-        worker = asyncio.ensure_future(
-            anyio.to_thread.run_sync(_run_sync, fn, request, job, limiter=self._limiter)
-        )
-        try:
-            await asyncio.shield(worker)
-        except asyncio.CancelledError:
-            if not worker.done():
-                await asyncio.wait((worker,))
-            if not worker.cancelled():
-                worker.exception()  # retrieved: the request already ended
-            raise
+        # If the consumer leaves, this task is cancelled and stops waiting, but the call
+        # keeps its pool slot until its thread really returns (run_in_thread's contract);
+        # the worker stops at its next chunk now that the job has ended.
+        await run_in_thread(_run_sync, fn, request, job, limiter=self._limiter)
 
 
 async def _emit_async(chunks: AsyncIterator[Any], job: Job) -> None:
