@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._body import ASYNC_BODY_KEY, StreamBody, problem, retry_after_value
 from ._drain import Drain, as_hooks, call_hook, find_engines
-from ._exceptions import LLMBridgeError, Timeout
+from ._exceptions import LLMBridgeError
 
 __all__ = ["WSGIMiddleware"]
 
@@ -589,15 +589,8 @@ class WSGIMiddleware:
                 try:
                     # A view may hand over a stream before its first output: an error
                     # before any text still gets its own status, not a broken 200.
-                    with anyio.fail_after(body.start_timeout):
-                        await body.stream.await_started()
-                except TimeoutError:
-                    body.close()
-                    await send_problem(
-                        exchange.raw_send, Timeout(f"no output within {body.start_timeout} s")
-                    )
-                    return
-                except LLMBridgeError as error:
+                    await body.stream.await_started(body.start_timeout)
+                except LLMBridgeError as error:  # Timeout included: it cancelled the job
                     await send_problem(exchange.raw_send, error)
                     return
                 chunks = body.__aiter__()

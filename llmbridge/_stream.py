@@ -6,6 +6,7 @@ Sync and async iteration, results, cancellation; the channel underneath lives in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 from ._channel import Channel, Completion, Request, Wakeups
@@ -80,12 +81,18 @@ class Stream(Closing):
             raise Timeout(f"no result within {timeout} s")
         return self._channel.completion()
 
-    async def aresult(self) -> Completion:
+    async def aresult(self, timeout: float | None = None) -> Completion:
         """Wait for the request to end and return its :class:`Completion`.
 
-        The async twin of :meth:`result`; cancelling the awaiting task cancels the request.
+        The async twin of :meth:`result`: :class:`Timeout` after ``timeout`` seconds,
+        which also cancels the request; cancelling the awaiting task cancels it too.
         """
-        await self._channel.await_ended()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.await_ended()
+        except TimeoutError:
+            self._channel.cancel(f"no result within {timeout} s")
+            raise Timeout(f"no result within {timeout} s") from None
         return self._channel.completion()
 
     def wait_started(self, timeout: float | None = None) -> None:
@@ -93,12 +100,22 @@ class Stream(Closing):
 
         Raises the request's error if it failed before producing any text: integrations
         call it to answer 429/503 instead of starting a response they can't finish.
+        :class:`Timeout` after ``timeout`` seconds, which also cancels the request.
         """
-        self._channel.wait_started(timeout)
+        try:
+            self._channel.wait_started(timeout)
+        except Timeout:
+            self._channel.cancel(f"no output within {timeout} s")
+            raise
 
-    async def await_started(self) -> None:
-        """The async twin of :meth:`wait_started`."""
-        await self._channel.await_started()
+    async def await_started(self, timeout: float | None = None) -> None:
+        """The async twin of :meth:`wait_started`, with the same ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.await_started()
+        except TimeoutError:
+            self._channel.cancel(f"no output within {timeout} s")
+            raise Timeout(f"no output within {timeout} s") from None
 
     def cancel(self) -> bool:
         """Cancel the request. Never blocks; idempotent; a no-op once it ended.

@@ -35,7 +35,6 @@ try:
 except ImportError:  # pragma: no cover - exercised without flask installed
     raise ImportError('llmbridge.flask needs Flask: pip install "llmbridge[flask]"') from None
 
-import anyio
 
 from ._body import (
     ASYNC_BODY_KEY,
@@ -46,7 +45,7 @@ from ._body import (
     problem_headers,
 )
 from ._engine import Submitter
-from ._exceptions import LLMBridgeError, Timeout
+from ._exceptions import LLMBridgeError
 from ._flask_async import loop_async_to_sync
 from ._offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
 from ._stream import Stream
@@ -256,14 +255,7 @@ class FlaskBridge:
         loop; cancelling the awaiting task cancels the job."""
         state = self._state()
         stream = state.engine.submit(prompt, **params)
-        timeout = state.settings["timeout"]
-        try:
-            with anyio.fail_after(timeout):
-                completion = await stream.aresult()
-        except TimeoutError:
-            stream.cancel()
-            raise Timeout(f"no result within {timeout} s") from None
-        return completion.text
+        return (await stream.aresult(state.settings["timeout"])).text
 
     def stream(self, prompt: str | Stream, /, **params: Any) -> Stream:
         """A started stream: iterate it for ``str`` chunks (``for`` or ``async for``).
@@ -289,13 +281,8 @@ class FlaskBridge:
         """The async twin of :meth:`stream`: waits for the first output without blocking
         the loop."""
         stream = self._submit(prompt, params)
-        timeout = self._state().settings["start_timeout"]
         try:
-            with anyio.fail_after(timeout):
-                await stream.await_started()
-        except TimeoutError:
-            stream.cancel()
-            raise Timeout(f"no output within {timeout} s") from None
+            await stream.await_started(self._state().settings["start_timeout"])
         except BaseException:
             stream.cancel()
             raise

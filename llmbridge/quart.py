@@ -36,12 +36,11 @@ try:
 except ImportError:  # pragma: no cover - exercised without quart installed
     raise ImportError('llmbridge.quart needs Quart: pip install "llmbridge[quart]"') from None
 
-import anyio
 
 from ._body import BodyFormat, StreamBody, check_bridge_options, problem, problem_headers
 from ._drain import Drain, find_engines
 from ._engine import Submitter
-from ._exceptions import LLMBridgeError, Timeout
+from ._exceptions import LLMBridgeError
 from ._offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
 from ._stream import Stream
 
@@ -248,14 +247,7 @@ class QuartBridge:
         Cancelling the awaiting task (a client disconnect) cancels the job.
         """
         stream = self.engine.submit(prompt, **params)
-        timeout = self._settings["timeout"]
-        try:
-            with anyio.fail_after(timeout):
-                completion = await stream.aresult()
-        except TimeoutError:
-            stream.cancel()
-            raise Timeout(f"no result within {timeout} s") from None
-        return completion.text
+        return (await stream.aresult(self._settings["timeout"])).text
 
     def stream(self, prompt: str | Stream, /, **params: Any) -> StartingStream:
         """The completion as it is produced: ``async for chunk in bridge.stream(...)``,
@@ -275,13 +267,8 @@ class QuartBridge:
             stream = prompt
         else:
             stream = self.engine.submit(prompt, **params)
-        timeout = self._settings["start_timeout"]
         try:
-            with anyio.fail_after(timeout):
-                await stream.await_started()
-        except TimeoutError:
-            stream.cancel()
-            raise Timeout(f"no output within {timeout} s") from None
+            await stream.await_started(self._settings["start_timeout"])
         except BaseException:
             stream.cancel()
             raise

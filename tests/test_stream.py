@@ -111,9 +111,12 @@ def test_wait_started_raises_an_error_that_came_before_any_text() -> None:
 
 
 def test_wait_started_times_out() -> None:
-    """wait_started(timeout) raises Timeout when nothing happens."""
+    """wait_started(timeout) raises Timeout when nothing happens, and cancels the request."""
+    ch = channel()
     with pytest.raises(Timeout):
-        Stream(channel()).wait_started(timeout=0.02)
+        Stream(ch).wait_started(timeout=0.02)
+    with pytest.raises(Cancelled):
+        Stream(ch).result()
 
 
 def test_with_block_cancels_an_unfinished_stream() -> None:

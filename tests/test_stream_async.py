@@ -145,3 +145,17 @@ async def test_async_stream_context_manager_cancels() -> None:
         pass
     with pytest.raises(Cancelled):
         await Stream(ch).aresult()
+
+
+async def test_aresult_and_await_started_take_a_timeout_that_cancels() -> None:
+    """The async twins time out like result()/wait_started(): Timeout, and the job stops."""
+    from llmbridge import Timeout
+
+    for wait in ("aresult", "await_started"):
+        cancelled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        ch = Channel(Request("r", "p", {}), on_cancel=lambda: loop.call_soon(cancelled.set))
+        with pytest.raises(Timeout):
+            await getattr(Stream(ch), wait)(timeout=0.02)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert ch.ended
