@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import pytest
@@ -153,7 +154,7 @@ async def test_aresult_and_await_started_take_a_timeout_that_cancels() -> None:
 
     for wait in ("aresult", "await_started"):
         hooks: list[str] = []
-        ch = Channel(Request("r", "p", {}), on_cancel=lambda w=wait: hooks.append(w))
+        ch = Channel(Request("r", "p", {}), on_cancel=functools.partial(hooks.append, wait))
         with pytest.raises(Timeout):
             await getattr(Stream(ch), wait)(timeout=0.02)
         assert hooks == [wait]  # the producer was told to stop
