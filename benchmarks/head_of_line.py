@@ -92,6 +92,9 @@ def measure(mode: str, seconds: float, call: float, busy: int) -> dict[str, floa
     env = dict(os.environ, HOL_CALL_SECONDS=str(call))
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
     args = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8", "-w", "1"]
+    # The plain worker holds the GIL for seconds at a time and misses gunicorn's worker
+    # heartbeat; under machine load the arbiter then kills it mid-measurement.
+    args += ["--timeout", "300"]
     args += ["-b", f"127.0.0.1:{port}", f"head_of_line:create_app('{mode}')"]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(args, env=env, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
