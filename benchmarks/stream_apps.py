@@ -25,7 +25,7 @@ DEFERRED = os.environ.get("BENCH_DEFERRED") == "1"
 def _deferred_sse(stream: Any) -> Any:
     from flask import Response, request
 
-    from llmbridge._body import ASYNC_BODY_KEY, StreamBody
+    from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 
     body = StreamBody(stream, heartbeat=None)
     return Response(

@@ -8,7 +8,9 @@ coroutine. Framework glue lives in ``llmbridge.flask``, ``llmbridge.quart`` and
 
 from __future__ import annotations
 
-from ._engine import Engine, EngineStats, Submitter
+from ._core.engine import Engine, EngineStats, Submitter
+from ._core.locked import Locked, locked
+from ._core.stream import Completion, Request, Stream
 from ._exceptions import (
     BackendError,
     BadRequest,
@@ -22,8 +24,6 @@ from ._exceptions import (
     Timeout,
     UpstreamError,
 )
-from ._locked import Locked, locked
-from ._stream import Completion, Request, Stream
 
 __version__ = "0.1.0"
 

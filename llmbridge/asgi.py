@@ -17,7 +17,7 @@ Then ``uvicorn module:app`` or ``gunicorn -k uvicorn_worker.UvicornWorker module
 
 from __future__ import annotations
 
-from ._asgi import ClientDisconnected, WSGIMiddleware, build_environ, to_asgi
-from ._body import ASYNC_BODY_KEY
+from ._web.asgi import ClientDisconnected, WSGIMiddleware, build_environ, to_asgi
+from ._web.body import ASYNC_BODY_KEY
 
 __all__ = ["ASYNC_BODY_KEY", "ClientDisconnected", "WSGIMiddleware", "build_environ", "to_asgi"]

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._backends import AsyncBackend, CallableBackend, StepBackend, StepGenerator, serve_async
-from ._engine import Backend, Job, JobQueue
+from ._core.drivers import AsyncBackend, CallableBackend, StepBackend, StepGenerator, serve_async
+from ._core.engine import Backend, Job, JobQueue
 
 if TYPE_CHECKING:
-    from ._exllama import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
-    from ._hf_backend import TransformersGenerator, transformers_backend
-    from ._llamacpp import LlamaCppBackend
-    from ._openai_backend import OpenAIBackend
+    from ._backends.exllama import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
+    from ._backends.llamacpp import LlamaCppBackend
+    from ._backends.openai_http import OpenAIBackend
+    from ._backends.transformers import TransformersGenerator, transformers_backend
 
 __all__ = [
     "AsyncBackend",
@@ -53,13 +53,13 @@ __all__ = [
 # Optional adapters: name -> module, imported on first access so that their heavy
 # dependencies (httpx, torch, transformers) load only for the apps that use them.
 _LAZY = {
-    "ExLlamaV2Adapter": "._exllama",
-    "exllamav2_backend": "._exllama",
-    "exllamav2_job_factory": "._exllama",
-    "LlamaCppBackend": "._llamacpp",
-    "OpenAIBackend": "._openai_backend",
-    "TransformersGenerator": "._hf_backend",
-    "transformers_backend": "._hf_backend",
+    "ExLlamaV2Adapter": "._backends.exllama",
+    "exllamav2_backend": "._backends.exllama",
+    "exllamav2_job_factory": "._backends.exllama",
+    "LlamaCppBackend": "._backends.llamacpp",
+    "OpenAIBackend": "._backends.openai_http",
+    "TransformersGenerator": "._backends.transformers",
+    "transformers_backend": "._backends.transformers",
 }
 
 

@@ -36,7 +36,12 @@ except ImportError:  # pragma: no cover - exercised without flask installed
     raise ImportError('llmbridge.flask needs Flask: pip install "llmbridge[flask]"') from None
 
 
-from ._body import (
+from ._core.engine import Submitter
+from ._core.stream import Stream
+from ._exceptions import LLMBridgeError
+from ._runtime.flask_async import loop_async_to_sync
+from ._runtime.offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
+from ._web.body import (
     ASYNC_BODY_KEY,
     BodyFormat,
     StreamBody,
@@ -44,11 +49,6 @@ from ._body import (
     problem,
     problem_headers,
 )
-from ._engine import Submitter
-from ._exceptions import LLMBridgeError
-from ._flask_async import loop_async_to_sync
-from ._offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
-from ._stream import Stream
 
 __all__ = ["FlaskBridge", "problem_response"]
 

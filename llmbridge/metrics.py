@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'llmbridge.metrics needs prometheus-client: pip install "llmbridge[metrics]"'
     ) from exc
 
-from ._engine import Engine
+from ._core.engine import Engine
 
 __all__ = ["LLMBridgeCollector"]
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._engine import Submitter
-from ._openai_api import InvalidRequest, Settings, render_messages
+from ._core.engine import Submitter
+from ._openai.wire import InvalidRequest, Settings, render_messages
 
 if TYPE_CHECKING:
     import flask
@@ -47,7 +47,7 @@ def flask_blueprint(submitter: Submitter, **options: Any) -> flask.Blueprint:
     Views block their request thread, never the engine; streamed bodies cancel their
     request when the server closes them (client gone). Raises ImportError without Flask.
     """
-    from ._openai_flask import flask_blueprint as build
+    from ._openai.flask_routes import flask_blueprint as build
 
     return build(submitter, **options)
 
@@ -59,6 +59,6 @@ def quart_blueprint(submitter: Submitter, **options: Any) -> quart.Blueprint:
     event loop; a client that disconnects cancels its request. Raises ImportError without
     Quart.
     """
-    from ._openai_quart import quart_blueprint as build
+    from ._openai.quart_routes import quart_blueprint as build
 
     return build(submitter, **options)

@@ -17,14 +17,14 @@ and raises ``ImportError`` naming the extra (``pip install "llmbridge[redis]"``)
 
 from __future__ import annotations
 
-from ._batching import BatchBackend
-from ._breaker import CircuitBreaker
-from ._cache import Cache, MemoryCache, RedisCache
-from ._cachekey import cache_key, is_deterministic
-from ._pipeline import CallOptions, Pipeline, PipelineStats
-from ._ratelimit import RateLimit
-from ._retry import Retry
-from ._timeouts import Timeouts
+from ._backends.batching import BatchBackend
+from ._policies.breaker import CircuitBreaker
+from ._policies.cache import Cache, MemoryCache, RedisCache
+from ._policies.pipeline import CallOptions, Pipeline, PipelineStats
+from ._policies.ratelimit import RateLimit
+from ._policies.retry import Retry
+from ._policies.timeouts import Timeouts
+from ._sansio.cachekey import cache_key, is_deterministic
 
 __all__ = [
     "BatchBackend",

@@ -37,12 +37,12 @@ except ImportError:  # pragma: no cover - exercised without quart installed
     raise ImportError('llmbridge.quart needs Quart: pip install "llmbridge[quart]"') from None
 
 
-from ._body import BodyFormat, StreamBody, check_bridge_options, problem, problem_headers
-from ._drain import Drain, find_engines
-from ._engine import Submitter
+from ._core.engine import Submitter
+from ._core.stream import Stream
 from ._exceptions import LLMBridgeError
-from ._offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
-from ._stream import Stream
+from ._runtime.offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
+from ._web.body import BodyFormat, StreamBody, check_bridge_options, problem, problem_headers
+from ._web.drain import Drain, find_engines
 
 __all__ = ["QuartBridge", "StartingStream", "problem_response"]
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._guard import EntryGuard
-from ._stream import Request
+from ._core.guard import EntryGuard
+from ._core.stream import Request
 
 __all__ = ["SimulatedGenerator", "SimulatedJob", "simulated_engine"]
 
@@ -270,8 +270,8 @@ def simulated_engine(
     The generator is reachable as ``engine.backend.generator``. Extra ``options`` go to
     the generator (``tokens_per_step``, ``batch_exponent``, ``vocabulary``).
     """
-    from ._backends import StepBackend
-    from ._engine import Engine
+    from ._core.drivers import StepBackend
+    from ._core.engine import Engine
 
     generator = SimulatedGenerator(step_time=step_time, max_new_tokens=max_new_tokens, **options)
     backend = StepBackend(generator, generator.make_job, max_batch_size=max_batch_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
 
-from llmbridge._body import ASYNC_BODY_KEY, StreamBody
+from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 from llmbridge.asgi import to_asgi
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine

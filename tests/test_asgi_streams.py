@@ -11,8 +11,8 @@ import pytest
 from asgi_driver import Client, request
 from flask import Flask, Response
 
-from llmbridge._body import ASYNC_BODY_KEY, StreamBody
-from llmbridge._sse import ServerSentEvent, SSEDecoder
+from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
+from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 from llmbridge.asgi import WSGIMiddleware, to_asgi
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from llmbridge import Overloaded
-from llmbridge._body import StreamBody, problem
-from llmbridge._sse import SSEDecoder
-from llmbridge._stream import Channel, Request, Stream
+from llmbridge._core.stream import Channel, Request, Stream
+from llmbridge._sansio.sse import SSEDecoder
+from llmbridge._web.body import StreamBody, problem
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
 from conftest import wait_until

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llmbridge._cachekey import NotCacheable, cache_key, is_deterministic, normalise
+from llmbridge._sansio.cachekey import NotCacheable, cache_key, is_deterministic, normalise
 
 pytestmark = pytest.mark.timeout(10)
 

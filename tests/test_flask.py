@@ -19,8 +19,8 @@ from llmbridge import (
     Stream,
     Timeout,
 )
-from llmbridge._body import ASYNC_BODY_KEY, StreamBody
-from llmbridge._sse import ServerSentEvent, SSEDecoder
+from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
+from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine
 

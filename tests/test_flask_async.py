@@ -18,7 +18,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from flask import Flask, g, request
 
-from llmbridge._portal import background_loop, spawn
+from llmbridge._runtime.loop import background_loop, spawn
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 

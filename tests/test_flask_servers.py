@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from llmbridge._sse import SSEDecoder
+from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
 from support import PYTHON, Server, free_port, run_server

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from llmbridge._sse import SSEDecoder
+from llmbridge._sansio.sse import SSEDecoder
 
 from support import PYTHON, free_port, run_server
 

@@ -13,8 +13,8 @@ import anyio.to_thread
 import pytest
 
 from llmbridge import Timeout
-from llmbridge._offload import DEFAULT, Offloader, run_in_process, run_in_thread
-from llmbridge._portal import spawn
+from llmbridge._runtime.loop import spawn
+from llmbridge._runtime.offload import DEFAULT, Offloader, run_in_process, run_in_thread
 
 from conftest import wait_until
 

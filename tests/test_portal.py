@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from llmbridge._portal import background_loop, background_portal, spawn
+from llmbridge._runtime.loop import background_loop, background_portal, spawn
 
 pytestmark = pytest.mark.timeout(30)
 

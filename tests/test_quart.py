@@ -12,7 +12,7 @@ import pytest
 from quart import Quart, request
 
 from llmbridge import Overloaded, RateLimited
-from llmbridge._sse import SSEDecoder
+from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.quart import QuartBridge
 from llmbridge.testing import simulated_engine
 

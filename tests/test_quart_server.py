@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from llmbridge._sse import ServerSentEvent, SSEDecoder
+from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
 from conftest import wait_until

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from llmbridge import BackendError, BadRequest, Engine, Overloaded, UpstreamError
-from llmbridge._retry import retrying
+from llmbridge._policies.retry import retrying
 from llmbridge.backends import CallableBackend
 from llmbridge.policies import Pipeline, Retry
 

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from llmbridge import Cancelled, Engine, Request, Stream, UpstreamError
-from llmbridge._singleflight import Flight
-from llmbridge._stream import Channel, Completion
+from llmbridge._core.stream import Channel, Completion
+from llmbridge._policies.singleflight import Flight
 from llmbridge.policies import Pipeline
 from llmbridge.testing import simulated_engine
 

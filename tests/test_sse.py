@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmbridge._sse import (
+from llmbridge._sansio.sse import (
     SSEDecoder,
     encode_chunk,
     encode_comment,

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from llmbridge import Cancelled, Completion, Request, Timeout
-from llmbridge._stream import Channel, Stream
+from llmbridge._core.stream import Channel, Stream
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
 from conftest import wait_until

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from llmbridge import Cancelled
-from llmbridge._stream import Channel, Request, Stream, Wakeups
+from llmbridge._core.stream import Channel, Request, Stream, Wakeups
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
 from conftest import wait_until

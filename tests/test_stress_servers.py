@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from llmbridge._sse import SSEDecoder
+from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
 from conftest import wait_until

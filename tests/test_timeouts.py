@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llmbridge import Engine, Timeout
-from llmbridge._timeouts import Deadlines
+from llmbridge._policies.timeouts import Deadlines
 from llmbridge.policies import Pipeline, Timeouts
 from llmbridge.testing import simulated_engine
 

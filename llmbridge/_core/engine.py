@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from ._closing import Closing
-from ._exceptions import BadRequest, Cancelled, EngineClosed, Overloaded
-from ._stream import Channel, Request, Stream, Wakeups
+from .._exceptions import BadRequest, Cancelled, EngineClosed, Overloaded
+from .closing import Closing
+from .stream import Channel, Request, Stream, Wakeups
 
 __all__ = ["Backend", "Engine", "EngineStats", "Job", "JobQueue", "Submitter"]
 
@@ -297,7 +297,7 @@ class Engine(Closing):
                     "Engine() takes a Backend (such as backends.StepBackend) or a callable "
                     f"fn(prompt, **params), got {type(backend).__name__}"
                 )
-            from ._backends import CallableBackend
+            from .drivers import CallableBackend
 
             backend = CallableBackend(backend)
         self.backend: Backend = backend
@@ -445,7 +445,7 @@ class Engine(Closing):
             return
 
     def _fail_pending(self, jobs: JobQueue, exc: BaseException) -> None:
-        from ._exceptions import BackendError
+        from .._exceptions import BackendError
 
         error = BackendError(f"the engine's backend crashed: {exc!r}")
         error.__cause__ = exc

@@ -20,10 +20,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ._backends import serve_async
-from ._engine import Job, JobQueue
-from ._exceptions import ConcurrentEntryError
-from ._stream import Request
+from .._core.drivers import serve_async
+from .._core.engine import Job, JobQueue
+from .._core.stream import Request
+from .._exceptions import ConcurrentEntryError
 
 __all__ = ["LlamaCppBackend"]
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._backends import StepBackend
-from ._exceptions import BadRequest
-from ._stream import Request
+from .._core.drivers import StepBackend
+from .._core.stream import Request
+from .._exceptions import BadRequest
 
 __all__ = ["ExLlamaV2Adapter", "exllamav2_backend", "exllamav2_job_factory"]
 

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ._exceptions import Timeout
+from .._exceptions import Timeout
 
 __all__ = ["Deadlines", "Timeouts"]
 

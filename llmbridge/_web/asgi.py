@@ -30,9 +30,9 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._body import ASYNC_BODY_KEY, StreamBody, problem, retry_after_value
-from ._drain import Drain, as_hooks, call_hook, find_engines
-from ._exceptions import LLMBridgeError
+from .._exceptions import LLMBridgeError
+from .body import ASYNC_BODY_KEY, StreamBody, problem, retry_after_value
+from .drain import Drain, as_hooks, call_hook, find_engines
 
 __all__ = ["WSGIMiddleware"]
 

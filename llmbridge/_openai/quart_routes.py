@@ -13,9 +13,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'llmbridge.openai.quart_blueprint needs Quart: pip install "llmbridge[quart]"'
     ) from exc
 
-from ._engine import Submitter
-from ._exceptions import LLMBridgeError
-from ._openai_api import (
+from .._core.engine import Submitter
+from .._core.stream import Stream
+from .._exceptions import LLMBridgeError
+from .._sansio.sse import encode_comment
+from .wire import (
     ROUTE_METHODS,
     SSE_HEADERS,
     ChunkShaper,
@@ -32,8 +34,6 @@ from ._openai_api import (
     response_body,
     retry_after_header,
 )
-from ._sse import encode_comment
-from ._stream import Stream
 
 __all__ = ["quart_blueprint"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ._stream import Channel, Completion
+from .._core.stream import Channel, Completion
 
 __all__ = ["Flight", "FlightGroup"]
 

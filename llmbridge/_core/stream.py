@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
-from ._channel import Channel, Completion, Request, Wakeups
-from ._closing import Closing
-from ._exceptions import Timeout
+from .._exceptions import Timeout
+from .channel import Channel, Completion, Request, Wakeups
+from .closing import Closing
 
 __all__ = ["Channel", "Completion", "Request", "Stream", "Wakeups"]
 

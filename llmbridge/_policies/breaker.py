@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._exceptions import CircuitOpen
+from .._exceptions import CircuitOpen
 
 __all__ = ["CircuitBreaker", "Ticket"]
 

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import aclosing
 from typing import Any, Protocol, runtime_checkable
 
-from ._engine import Job, JobQueue
-from ._exceptions import BackendError, Cancelled, EngineClosed, LLMBridgeError
-from ._stream import Request
+from .._exceptions import BackendError, Cancelled, EngineClosed, LLMBridgeError
+from .engine import Job, JobQueue
+from .stream import Request
 
 __all__ = [
     "AsyncBackend",
@@ -420,7 +420,7 @@ class CallableBackend:
             else:
                 _emit_result(result, job)
             return
-        from ._offload import run_in_thread
+        from .._runtime.offload import run_in_thread
 
         # If the consumer leaves, this task is cancelled and stops waiting, but the call
         # keeps its pool slot until its thread really returns (run_in_thread's contract);

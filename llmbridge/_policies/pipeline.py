@@ -30,12 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._breaker import CircuitBreaker, Ticket
-from ._cache import Cache, MemoryCache, RedisCache
-from ._cachekey import NotCacheable, cache_key, is_deterministic
-from ._closing import Closing
-from ._engine import Submitter
-from ._exceptions import (
+from .._core.closing import Closing
+from .._core.engine import Submitter
+from .._core.stream import Channel, Completion, Request, Stream
+from .._exceptions import (
     BackendError,
     BadRequest,
     Cancelled,
@@ -43,12 +41,14 @@ from ._exceptions import (
     Overloaded,
     Timeout,
 )
-from ._portal import background_loop, spawn
-from ._ratelimit import RateLimit
-from ._retry import Retry, retrying
-from ._singleflight import Flight, FlightGroup
-from ._stream import Channel, Completion, Request, Stream
-from ._timeouts import Deadlines, Timeouts
+from .._runtime.loop import background_loop, spawn
+from .._sansio.cachekey import NotCacheable, cache_key, is_deterministic
+from .breaker import CircuitBreaker, Ticket
+from .cache import Cache, MemoryCache, RedisCache
+from .ratelimit import RateLimit
+from .retry import Retry, retrying
+from .singleflight import Flight, FlightGroup
+from .timeouts import Deadlines, Timeouts
 
 __all__ = ["CallOptions", "Pipeline", "PipelineStats"]
 

@@ -19,11 +19,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'llmbridge.backends.OpenAIBackend needs httpx: pip install "llmbridge[http]"'
     ) from exc
 
-from ._backends import _positive, serve_async
-from ._engine import Job, JobQueue
-from ._exceptions import BackendError, Timeout, UpstreamError
-from ._sse import SSEDecoder
-from ._stream import Request
+from .._core.drivers import _positive, serve_async
+from .._core.engine import Job, JobQueue
+from .._core.stream import Request
+from .._exceptions import BackendError, Timeout, UpstreamError
+from .._sansio.sse import SSEDecoder
 
 __all__ = ["OpenAIBackend"]
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._exceptions import BadRequest, LLMBridgeError
-from ._sse import encode_event
-from ._stream import Completion
+from .._core.stream import Completion
+from .._exceptions import BadRequest, LLMBridgeError
+from .._sansio.sse import encode_event
 
 __all__ = [
     "ChatTemplate",

@@ -18,9 +18,9 @@ import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Literal
 
-from ._exceptions import Cancelled, LLMBridgeError
-from ._sse import encode_chunk, encode_comment, encode_done, encode_error
-from ._stream import Stream
+from .._core.stream import Stream
+from .._exceptions import Cancelled, LLMBridgeError
+from .._sansio.sse import encode_chunk, encode_comment, encode_done, encode_error
 
 __all__ = [
     "ASYNC_BODY_KEY",

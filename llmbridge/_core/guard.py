@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ._exceptions import ConcurrentEntryError
+from .._exceptions import ConcurrentEntryError
 
 __all__ = ["EntryGuard"]
 

@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._backends import _wrap_error
-from ._engine import Job, JobQueue
-from ._exceptions import BackendError, BadRequest, EngineClosed, Timeout
-from ._stream import Request
+from .._core.drivers import _wrap_error
+from .._core.engine import Job, JobQueue
+from .._core.stream import Request
+from .._exceptions import BackendError, BadRequest, EngineClosed, Timeout
 
 __all__ = ["BatchBackend"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._exceptions import Cancelled, Timeout
+from .._exceptions import Cancelled, Timeout
 
 __all__ = ["Channel", "Completion", "Request", "Wakeups"]
 

@@ -36,9 +36,9 @@ import anyio.to_process
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
-from . import _portal
-from ._exceptions import Timeout
-from ._portal import spawn
+from .._exceptions import Timeout
+from . import loop as _portal
+from .loop import spawn
 
 __all__ = [
     "DEFAULT",

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
-from ._portal import background_loop
+from .loop import background_loop
 
 __all__ = ["loop_async_to_sync"]
 

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from ._body import StreamBody
-from ._exceptions import EngineClosed
+from .._exceptions import EngineClosed
+from .body import StreamBody
 
 __all__ = ["Drain", "call_hook", "find_engines"]
 
@@ -192,7 +192,7 @@ def find_engines(*sources: Any) -> list[Any]:
     """Engines reachable from ``sources``: engines, submitters wrapping one (``.engine``),
     bridges, or apps holding a bridge in ``app.extensions["llmbridge"]``. Deduplicated,
     in the order found. Never raises."""
-    from ._engine import Engine
+    from .._core.engine import Engine
 
     found: list[Any] = []
     seen: set[int] = set()

@@ -25,8 +25,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import Overloaded, RateLimited
-from ._stream import Request
+from .._core.stream import Request
+from .._exceptions import Overloaded, RateLimited
 
 __all__ = ["RateLimit"]
 

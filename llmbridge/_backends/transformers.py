@@ -25,10 +25,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         '"llmbridge[hf]" (pick the torch build for your hardware first)'
     ) from exc
 
-from ._backends import StepBackend
-from ._exceptions import BadRequest
-from ._guard import EntryGuard
-from ._stream import Request
+from .._core.drivers import StepBackend
+from .._core.guard import EntryGuard
+from .._core.stream import Request
+from .._exceptions import BadRequest
 
 __all__ = ["TransformersGenerator", "TransformersJob", "transformers_backend"]
 

@@ -1,0 +1,1 @@
+"""Adapters to real engines: batching, OpenAI HTTP, transformers, ExLlamaV2, llama.cpp."""

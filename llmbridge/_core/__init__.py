@@ -1,0 +1,1 @@
+"""The core: the engine thread, jobs, per-request channels and streams, drivers."""

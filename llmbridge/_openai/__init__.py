@@ -1,0 +1,1 @@
+"""The OpenAI-compatible surface: wire parsing and shaping, and its routes."""

@@ -1,0 +1,1 @@
+"""Policies between callers and an engine: the Pipeline and what it composes."""

@@ -1,0 +1,1 @@
+"""Process-wide runtime: the background event loop and bounded offload pools."""

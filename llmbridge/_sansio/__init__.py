@@ -1,0 +1,1 @@
+"""I/O-free helpers: SSE framing, problem+json, option checks, cache keys."""
