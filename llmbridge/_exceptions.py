@@ -17,10 +17,14 @@ seconds::
         ├── UpstreamError          502  an HTTP upstream answered with an error
         └── ConcurrentEntryError   500  two threads entered a single-owner object at once
 
-``retryable`` tells the retry policy whether trying again may help.
+``retryable`` tells the retry policy whether trying again may help. ``public`` tells the
+integrations whether the message may be shown to an HTTP client: a backend's own text
+(which can hold a database URL, a key, a file path) never is; it goes to the log.
 """
 
 from __future__ import annotations
+
+import math
 
 __all__ = [
     "BackendError",
@@ -48,11 +52,35 @@ class LLMBridgeError(Exception):
     status: int = 500
     title: str = "LLM bridge error"
     retryable: bool = False
+    #: Whether ``message`` may reach an HTTP client (False: a generic detail is sent).
+    public: bool = True
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message or self.title)
         self.message = message or self.title
-        self.retry_after = retry_after
+        self.retry_after = _seconds(retry_after)
+
+    @property
+    def public_message(self) -> str:
+        """What an HTTP client may read: ``message`` if ``public``, else a generic line."""
+        return self.message if self.public else "the backend failed"
+
+
+#: The longest wait a ``retry_after`` may ask for (one day): an upstream's ``inf`` or
+#: ``1e999`` becomes this rather than an overflow.
+MAX_RETRY_AFTER = 86_400.0
+
+
+def _seconds(value: float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 class BadRequest(LLMBridgeError):
@@ -115,13 +143,15 @@ class BackendError(LLMBridgeError):
 
     status = 502
     title = "Backend error"
+    public = False
 
 
 class UpstreamError(BackendError):
     """An HTTP upstream answered with an error status or broke the connection.
 
     ``upstream_status`` is the upstream's status code (``None`` when the connection broke).
-    429 and 5xx answers are ``retryable``.
+    429 and 5xx answers are ``retryable``. ``summary`` is the client-safe part of
+    ``message`` (our words, without the upstream's text).
     """
 
     title = "Upstream error"
@@ -133,10 +163,21 @@ class UpstreamError(BackendError):
         upstream_status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        summary: str | None = None,
     ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.upstream_status = upstream_status
         self.retryable = retryable
+        self.summary = summary
+
+    @property
+    def public_message(self) -> str:
+        """``summary``, or the upstream's status: never its body, which may echo secrets."""
+        if self.summary:
+            return self.summary
+        if self.upstream_status is None:
+            return "the upstream failed"
+        return f"the upstream answered {self.upstream_status}"
 
 
 class ConcurrentEntryError(BackendError):

@@ -41,14 +41,9 @@ from ._core.stream import Stream
 from ._exceptions import LLMBridgeError
 from ._runtime.flask_async import loop_async_to_sync
 from ._runtime.offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
-from ._web.body import (
-    ASYNC_BODY_KEY,
-    BodyFormat,
-    StreamBody,
-    check_bridge_options,
-    problem,
-    problem_headers,
-)
+from ._sansio.options import check_bridge_options
+from ._sansio.problem import problem, problem_headers
+from ._web.body import ASYNC_BODY_KEY, BodyFormat, StreamBody
 
 __all__ = ["FlaskBridge", "problem_response"]
 

@@ -41,7 +41,9 @@ from ._core.engine import Submitter
 from ._core.stream import Stream
 from ._exceptions import LLMBridgeError
 from ._runtime.offload import DEFAULT, Offloaded, Offloader, ProcessOffloaded, TimeoutArg
-from ._web.body import BodyFormat, StreamBody, check_bridge_options, problem, problem_headers
+from ._sansio.options import check_bridge_options
+from ._sansio.problem import problem, problem_headers
+from ._web.body import BodyFormat, StreamBody
 from ._web.drain import Drain, find_engines
 
 __all__ = ["QuartBridge", "StartingStream", "problem_response"]

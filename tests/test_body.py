@@ -6,8 +6,9 @@ import pytest
 
 from llmbridge import Overloaded
 from llmbridge._core.stream import Channel, Request, Stream
+from llmbridge._sansio.problem import problem
 from llmbridge._sansio.sse import SSEDecoder
-from llmbridge._web.body import StreamBody, problem
+from llmbridge._web.body import StreamBody
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
 from conftest import wait_until

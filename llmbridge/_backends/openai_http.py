@@ -168,7 +168,9 @@ class OpenAIBackend:
             raise Timeout(f"the upstream timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(
-                f"the upstream connection failed: {type(exc).__name__}: {exc}", retryable=True
+                f"the upstream connection failed: {type(exc).__name__}: {exc}",
+                retryable=True,
+                summary="the upstream connection failed",
             ) from exc
 
     async def _whole(
@@ -245,7 +247,9 @@ def _json_object(raw: str | bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise UpstreamError(f"the upstream sent invalid JSON: {exc}") from exc
+        raise UpstreamError(
+            f"the upstream sent invalid JSON: {exc}", summary="the upstream sent invalid JSON"
+        ) from exc
     if not isinstance(data, dict):
         raise UpstreamError(f"the upstream sent {type(data).__name__}, expected a JSON object")
     return data
@@ -298,4 +302,8 @@ def _status_error(response: httpx.Response, raw: bytes) -> UpstreamError:
 
 def _stream_error(error: Any) -> UpstreamError:
     message = error.get("message") if isinstance(error, dict) else error
-    return UpstreamError(f"the upstream failed mid-stream: {message}", retryable=False)
+    return UpstreamError(
+        f"the upstream failed mid-stream: {message}",
+        retryable=False,
+        summary="the upstream failed mid-stream",
+    )

@@ -249,7 +249,7 @@ class Submitter(Protocol):
     """Anything that admits requests like :meth:`Engine.submit`: an engine, or an engine
     wrapped in policies. Integrations accept any submitter."""
 
-    def submit(self, prompt: str, /, **params: Any) -> Stream: ...
+    def submit(self, prompt: str, /, *, request_id: str | None = None, **params: Any) -> Stream: ...
 
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
@@ -353,8 +353,12 @@ class Engine(Closing):
             self._start_locked()
         return self
 
-    def submit(self, prompt: str, /, **params: Any) -> Stream:
+    def submit(self, prompt: str, /, *, request_id: str | None = None, **params: Any) -> Stream:
         """Admit a request and return its :class:`Stream`. Never blocks.
+
+        ``request_id`` names the request in logs, the backend job and the stream
+        (``stream.id``); by default the engine makes one. An id already in use by a live
+        request of this engine gets a suffix (``"abc"``, then ``"abc.2"``), so ids stay unique.
 
         Raises :class:`Overloaded` if ``max_queued`` requests already wait,
         :class:`EngineClosed` once :meth:`close` began, :class:`BadRequest` if ``prompt``
@@ -371,7 +375,7 @@ class Engine(Closing):
                 raise Overloaded(f"{self.name}: {self._queued} requests already queued")
             self._queued += 1
             jobs = self._jobs
-            request = Request(f"req-{next(_ids)}", prompt, params)
+            request = Request(self._unique_id(request_id), prompt, params)
             channel = Channel(request)
             job = Job(jobs, request, channel)
             channel.set_on_cancel(lambda: jobs._cancel(job))
@@ -415,6 +419,10 @@ class Engine(Closing):
         await anyio.to_thread.run_sync(self.close, timeout)
 
     # -- internals --------------------------------------------------------------------
+
+    def _unique_id(self, wanted: str | None) -> str:
+        # TODO(core): keep ids unique among this engine's live requests.
+        return f"req-{next(_ids)}" if wanted is None else wanted
 
     def _left_queue(self) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from .._core.stream import Completion
 from .._exceptions import BadRequest, LLMBridgeError
+from .._sansio.problem import client_detail, retry_after_value
 from .._sansio.sse import encode_event
 
 __all__ = [
@@ -525,7 +526,7 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
             kind = _TYPES.get(status, "invalid_request_error")
         return status, {
             "error": {
-                "message": error.message,
+                "message": client_detail(error),
                 "type": kind,
                 "param": None,
                 "code": _snake(type(error).__name__),
@@ -582,7 +583,5 @@ def method_not_allowed_body(method: str, allowed: str) -> dict[str, Any]:
 
 def retry_after_header(error: BaseException) -> dict[str, str]:
     """``Retry-After`` for an error that has one (whole seconds, rounded up)."""
-    after = getattr(error, "retry_after", None)
-    if isinstance(after, int | float) and after >= 0:
-        return {"Retry-After": str(max(0, -int(-after // 1)))}
-    return {}
+    after = retry_after_value(error)
+    return {} if after is None else {"Retry-After": after}

@@ -363,6 +363,7 @@ class Pipeline(Closing):
         /,
         *,
         policy: CallOptions | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
         **params: Any,
     ) -> Stream:
         """Admit a request through the policies and return its :class:`Stream`. Never
@@ -379,8 +380,8 @@ class Pipeline(Closing):
             raise BadRequest(f"prompt must be a str, got {type(prompt).__name__}")
         options = CallOptions.coerce(policy)
         if self._passthrough:
-            return self.engine.submit(prompt, **params)
-        request = Request(f"pol-{next(_ids)}", prompt, params)
+            return self.engine.submit(prompt, request_id=request_id, **params)
+        request = Request(request_id or f"pol-{next(_ids)}", prompt, params)
         channel = Channel(request)
         limit_key = None
         if self.rate_limit is not None:
@@ -527,7 +528,7 @@ class Pipeline(Closing):
             async def attempt() -> Completion:
                 self.stats.backend_calls += 1
                 deadlines.attempt_started(time.monotonic())
-                inner = self.engine.submit(request.prompt, **request.params)
+                inner = self.engine.submit(request.prompt, request_id=request.id, **request.params)
                 try:
                     return await self._pump(inner, flight, deadlines, first_text_at)
                 finally:

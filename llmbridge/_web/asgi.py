@@ -31,7 +31,8 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._exceptions import LLMBridgeError
-from .body import ASYNC_BODY_KEY, StreamBody, problem, retry_after_value
+from .._sansio.problem import problem, retry_after_value
+from .body import ASYNC_BODY_KEY, StreamBody
 from .drain import Drain, as_hooks, call_hook, find_engines
 
 __all__ = ["WSGIMiddleware"]

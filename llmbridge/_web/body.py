@@ -14,84 +14,19 @@ an ordinary iterable.
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Literal
 
 from .._core.stream import Stream
 from .._exceptions import Cancelled, LLMBridgeError
+from .._sansio.problem import problem
 from .._sansio.sse import encode_chunk, encode_comment, encode_done, encode_error
 
-__all__ = [
-    "ASYNC_BODY_KEY",
-    "StreamBody",
-    "check_bridge_options",
-    "problem",
-    "problem_headers",
-    "retry_after_value",
-]
+__all__ = ["ASYNC_BODY_KEY", "BodyFormat", "StreamBody"]
 
 ASYNC_BODY_KEY = "llmbridge.async_body"
 
 BodyFormat = Literal["sse", "text"]
-
-
-def problem(error: BaseException) -> dict[str, Any]:
-    """An RFC 9457 problem object for ``error`` (status, title, detail, type)."""
-    if isinstance(error, LLMBridgeError):
-        body: dict[str, Any] = {
-            "type": "about:blank",
-            "title": error.title,
-            "status": error.status,
-            "detail": error.message,
-            "error": type(error).__name__,
-        }
-        if error.retry_after is not None:
-            body["retry_after"] = error.retry_after
-        return body
-    return {
-        "type": "about:blank",
-        "title": "Internal error",
-        "status": 500,
-        "detail": "the request failed",
-        "error": "InternalError",
-    }
-
-
-def retry_after_value(error: BaseException) -> str | None:
-    """The ``Retry-After`` header value for ``error`` (whole seconds, rounded up), if any."""
-    after = getattr(error, "retry_after", None)
-    if after is None:
-        return None
-    return str(max(0, math.ceil(after)))
-
-
-def problem_headers(error: BaseException) -> dict[str, str]:
-    """Headers of a problem response: its content type, and ``Retry-After`` when set."""
-    headers = {"Content-Type": "application/problem+json"}
-    after = retry_after_value(error)
-    if after is not None:
-        headers["Retry-After"] = after
-    return headers
-
-
-#: Options given in seconds: each must be a number > 0, or None for "no limit".
-_SECONDS_OPTIONS = ("heartbeat", "start_timeout", "timeout", "offload_timeout")
-
-
-def check_bridge_options(owner: str, options: Mapping[str, Any], known: Mapping[str, Any]) -> None:
-    """Refuse unknown option names and non-positive durations with a clear message."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(
-            f"unknown {owner} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    for name in _SECONDS_OPTIONS:
-        value = options.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
-        ):
-            raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
 
 
 class StreamBody:

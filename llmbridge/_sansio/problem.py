@@ -1,0 +1,80 @@
+"""Errors as RFC 9457 problem objects, and the ``Retry-After`` header: no I/O.
+
+Every integration answers an error with :func:`problem` and :func:`problem_headers`, so a
+status, a detail and a ``Retry-After`` mean the same under Flask, Quart, the ASGI adapter
+and the OpenAI routes. A detail reaches the client only when the error is ``public``; a
+backend's own text goes to the log instead (see :attr:`LLMBridgeError.public`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .._exceptions import MAX_RETRY_AFTER, LLMBridgeError
+
+__all__ = ["client_detail", "problem", "problem_headers", "retry_after_value"]
+
+
+def client_detail(error: BaseException, request_id: str | None = None) -> str:
+    """What an HTTP client may read about ``error``: its message when it is ``public``,
+    else a generic sentence naming the request id to look up in the server's log."""
+    if isinstance(error, LLMBridgeError):
+        if error.public:
+            return error.message
+        what = error.public_message
+    else:
+        what = "the request failed"
+    if request_id:
+        return f"{what}; the server log has the details under request id {request_id}"
+    return what
+
+
+def problem(error: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """An RFC 9457 problem object for ``error`` (type, title, status, detail), with the
+    request id when known. Never raises; reveals no backend text."""
+    if isinstance(error, LLMBridgeError):
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": error.title,
+            "status": error.status,
+            "detail": client_detail(error, request_id),
+            "error": type(error).__name__,
+        }
+        if error.retry_after is not None:
+            body["retry_after"] = error.retry_after
+    else:
+        body = {
+            "type": "about:blank",
+            "title": "Internal error",
+            "status": 500,
+            "detail": client_detail(error, request_id),
+            "error": "InternalError",
+        }
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def retry_after_value(error: BaseException) -> str | None:
+    """The ``Retry-After`` header value for ``error`` (whole seconds, rounded up), if any.
+    Never raises: a value that is not a finite number is clamped or dropped."""
+    after = getattr(error, "retry_after", None)
+    if after is None:
+        return None
+    try:
+        seconds = float(after)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if math.isnan(seconds):
+        return None
+    return str(math.ceil(min(max(seconds, 0.0), MAX_RETRY_AFTER)))
+
+
+def problem_headers(error: BaseException) -> dict[str, str]:
+    """Headers of a problem response: its content type, and ``Retry-After`` when set."""
+    headers = {"Content-Type": "application/problem+json"}
+    after = retry_after_value(error)
+    if after is not None:
+        headers["Retry-After"] = after
+    return headers
