@@ -221,3 +221,51 @@ async def test_gunicorn_preload_two_workers_stream_and_drain_on_sigterm(
         assert server.proc.wait(30) == 0
         lines = read_text(shutdown_file).split()
         assert lines.count("shutdown") == 2, server.log()
+
+
+BODIES: list[tuple[str, dict[str, Any], Any]] = [
+    ("get_json", {"json": {"a": [1, 2], "b": "é"}}, {"a": [1, 2], "b": "é"}),
+    ("json", {"json": {"x": 1}}, {"x": 1}),
+    ("form", {"data": {"name": "ada", "lang": "py"}}, {"name": "ada", "lang": "py"}),
+    ("files", {"files": {"doc": ("a.txt", b"file body")}}, {"doc": "file body"}),
+    ("data", {"content": b"raw bytes " * 1000}, "raw bytes " * 1000),
+    ("get_data", {"content": b"plain"}, "plain"),
+    ("stream", {"content": b"streamed " * 20_000}, "streamed " * 20_000),
+]
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_every_body_accessor_works_in_sync_and_async_views(
+    uvicorn: Server,
+) -> None:
+    """request.get_json/json/form/files/data/get_data/stream.read from a sync view and from
+    an async def view (which runs on the bridge's loop thread, no anyio worker): all
+    read the whole body; none is a 500."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        for accessor, kwargs, expected in BODIES:
+            for kind in ("body", "abody"):
+                response = await client.post(f"{uvicorn.url}/{kind}/{accessor}", **kwargs)
+                assert response.status_code == 200, (kind, accessor, response.text)
+                assert response.json()["got"] == expected, (kind, accessor)
+    assert "NoEventLoopError" not in uvicorn.log()
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_know(
+    uvicorn: Server,
+) -> None:
+    """A StreamBody over an engine nobody told the adapter about, iterated on the worker
+    thread (a wrapping middleware): SIGTERM still ends it with its final event at the
+    drain deadline, and the server exits."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        decoder = SSEDecoder()
+        got: list[ServerSentEvent] = []
+        async with client.stream("GET", f"{uvicorn.url}/unknown?prompt=u") as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_bytes():
+                got.extend(decoder.feed(chunk))
+                if len(got) == 1:
+                    uvicorn.proc.send_signal(signal.SIGTERM)
+    assert got[-1].event == "error", got[-3:]
+    assert got[-1].json()["error"] == "EngineClosed"
+    assert uvicorn.proc.wait(20) is not None

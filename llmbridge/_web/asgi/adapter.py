@@ -1,0 +1,336 @@
+"""A WSGI → ASGI 3 adapter where streams don't hold threads.
+
+Each request's WSGI call (the app, then the iteration of its body, then ``close()``)
+runs in one worker thread from a bounded pool (an anyio :class:`~anyio.CapacityLimiter`
+over :func:`anyio.to_thread.run_sync`), in one contextvars context. The request body
+reaches ``wsgi.input`` chunk by chunk through a small bounded buffer; response chunks go
+out as the app produces them, one at a time, so a slow client slows the app instead of
+filling memory.
+
+A view that streams a :class:`~llmbridge._web.body.StreamBody` can give its thread back:
+the adapter offers ``environ[ASYNC_BODY_KEY]``, and when the app returns what that
+callable made, the worker thread is released and the body is pumped with ``async for``
+on the event loop. A client disconnect cancels the pump, which closes the body and
+cancels the engine job. The iterable's ``close()`` is called exactly once whatever
+happens.
+
+Known differences from ``asgiref.wsgi.WsgiToAsgi`` and ``a2wsgi.WSGIMiddleware`` (their
+own test suites run against this class in ``.ci/adapter_upstream.sh``):
+
+- a body longer than its ``Content-Length`` is cut at the declared length and its
+  iteration stops (PEP 3333); asgiref sends what the app yields;
+- response headers may be lists as well as tuples (werkzeug does the same), but a name
+  or value that isn't ``str``, or holds CR/LF, is a 500 problem, not a pass-through;
+- too many duplicates of one request header is a 431 problem+json (asgiref raises);
+- ``script_name`` / ``$SCRIPT_NAME`` strips the prefix from ``PATH_INFO`` when the path
+  starts with it (gunicorn's rule, for a proxy that keeps the prefix); a2wsgi only
+  sets ``SCRIPT_NAME`` and keeps the prefix in ``PATH_INFO``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from ..._exceptions import LLMBridgeError
+from ..body import ASYNC_BODY_KEY
+from ..drain import Drain, as_hooks, call_hook, engines_of
+from .environ import DEFAULT_DUPLICATE_HEADER_LIMIT, build_environ, mount_prefix
+from .input import LoopPortal, WSGIInput, pump_input
+from .response import AsyncBody, ClientDisconnected, Exchange, send_problem
+
+__all__ = ["WSGIMiddleware", "to_asgi"]
+
+logger = logging.getLogger("llmbridge.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+StartResponse = Callable[..., Callable[[bytes], None]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class WSGIMiddleware:
+    """Serve a WSGI app (Flask, or any PEP 3333 app) from an ASGI 3 server.
+
+    A drop-in for ``a2wsgi.WSGIMiddleware`` and ``asgiref.wsgi.WsgiToAsgi``:
+    ``app = WSGIMiddleware(flask_app)``, then ``uvicorn module:app`` or
+    ``gunicorn -k uvicorn_worker.UvicornWorker module:app``.
+
+    Options (keyword-only):
+
+    - ``workers``: threads for WSGI calls (default 8). A call holds one from the app's
+      start to the end of its body, unless it streams through ``ASYNC_BODY_KEY``.
+    - ``input_buffer``: request-body chunks buffered ahead of the app (default 4).
+    - ``duplicate_header_limit``: how often one request header name may repeat
+      (default 100, asgiref's; ``None``: no limit); beyond it the answer is 431.
+    - ``script_name``: the mount prefix for a proxy that forwards it (default: the
+      ``SCRIPT_NAME`` environment variable, as a2wsgi); ``SCRIPT_NAME`` becomes it and a
+      path under it loses it. Behind a proxy that strips the prefix, use the server's
+      root path instead (``uvicorn --root-path /api``).
+    - ``engines``: engines (or submitters wrapping one) to start at lifespan startup and
+      close on shutdown; a Flask app's bridge (``app.extensions["llmbridge"].engines``)
+      is asked for its own.
+    - ``drain_timeout``: seconds from SIGTERM (or lifespan shutdown) that in-flight streams
+      may still run before they end with a final ``event: error`` (default 10; keep it
+      under gunicorn's ``graceful_timeout``). ``retry_after``: the ``Retry-After`` of the
+      503 new requests get meanwhile (default 5).
+    - ``on_startup`` / ``on_shutdown``: callables (sync or async) run at lifespan
+      startup, and at shutdown once the streams are done.
+    - ``handle_signals``: chain a SIGTERM/SIGINT handler in front of the server's to start
+      draining before the server waits for connections (default True).
+
+    Safe to share between event loops' requests; one instance serves one process.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        workers: int = 8,
+        input_buffer: int = 4,
+        duplicate_header_limit: int | None = DEFAULT_DUPLICATE_HEADER_LIMIT,
+        script_name: str | None = None,
+        engines: Iterable[Any] = (),
+        drain_timeout: float = 10.0,
+        retry_after: float = 5.0,
+        on_startup: Callable[[], Any] | Iterable[Callable[[], Any]] | None = None,
+        on_shutdown: Callable[[], Any] | Iterable[Callable[[], Any]] | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"WSGIMiddleware needs a WSGI callable, got {type(app).__name__}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if isinstance(input_buffer, bool) or not isinstance(input_buffer, int) or input_buffer < 0:
+            raise ValueError(f"input_buffer must be an int >= 0, got {input_buffer!r}")
+        if duplicate_header_limit is not None and (
+            isinstance(duplicate_header_limit, bool)
+            or not isinstance(duplicate_header_limit, int)
+            or duplicate_header_limit < 0
+        ):
+            limit = duplicate_header_limit
+            raise ValueError(f"duplicate_header_limit must be an int >= 0 or None, got {limit!r}")
+        self.app = app
+        self.workers = workers
+        self.input_buffer = input_buffer
+        self.duplicate_header_limit = duplicate_header_limit
+        self.script_name = mount_prefix(
+            os.environ.get("SCRIPT_NAME", "") if script_name is None else script_name
+        )
+        self.handle_signals = handle_signals
+        self.drain = Drain(timeout=drain_timeout, retry_after=retry_after)
+        self._engines = list(engines)
+        self._on_startup = as_hooks(on_startup)
+        self._on_shutdown = as_hooks(on_shutdown)
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._limiter_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<WSGIMiddleware {self.app!r} workers={self.workers}>"
+
+    @property
+    def engines(self) -> list[Any]:
+        """The engines this adapter starts and closes: the given ones, then the app's
+        bridge's (see :func:`~llmbridge._web.drain.engines_of`)."""
+        return engines_of(*self._engines, self.app)
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """The pool's limiter on the running loop (one per loop: anyio limiters are
+        loop-bound)."""
+        loop = asyncio.get_running_loop()
+        if self._limiter is None or self._limiter_loop is not loop:
+            self._limiter = anyio.CapacityLimiter(self.workers)
+            self._limiter_loop = loop
+        return self._limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1000})
+        else:
+            raise ValueError(f"unsupported ASGI scope type {kind!r}")
+
+    # -- lifespan ---------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                except Exception as exc:
+                    logger.exception("shutdown failed")
+                    await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Start the engines, run ``on_startup``, listen for SIGTERM. Lifespan calls it."""
+        self.drain.bind(asyncio.get_running_loop(), lambda: self.engines)
+        for engine in self.engines:
+            engine.start()
+        for hook in self._on_startup:
+            await call_hook(hook)
+        if self.handle_signals:
+            self.drain.install_signal_handlers()
+
+    async def shutdown(self) -> None:
+        """Drain (if a signal did not already), close engines, run ``on_shutdown``."""
+        if not self.drain.bound:
+            self.drain.bind(asyncio.get_running_loop(), lambda: self.engines)
+        try:
+            await self.drain.run()
+        finally:
+            self.drain.restore_signal_handlers()
+        for hook in self._on_shutdown:
+            await call_hook(hook)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.drain.admitting:
+            await send_problem(send, self.drain.refusal())
+            return
+        portal = LoopPortal()
+        exchange = Exchange(send, portal, self.drain.track, self.drain.untrack)
+        chunks_in, chunks_out = anyio.create_memory_object_stream[bytes](self.input_buffer)
+        try:
+            environ = build_environ(
+                scope,
+                WSGIInput(chunks_out, portal),
+                script_name=self.script_name,
+                duplicate_header_limit=self.duplicate_header_limit,
+            )
+        except LLMBridgeError as error:  # too many headers: the app never sees it
+            chunks_in.close()
+            chunks_out.close()
+            await send_problem(send, error)
+            return
+        environ[ASYNC_BODY_KEY] = exchange.async_body
+        failure: BaseException | None = None
+        self.drain.enter()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump_input, receive, chunks_in, exchange.set_disconnected)
+                handle: AsyncBody | None = None
+                try:
+                    handle = await anyio.to_thread.run_sync(
+                        self._call, environ, exchange, limiter=self.limiter
+                    )
+                except ClientDisconnected:
+                    pass
+                except Exception as exc:
+                    failure = exc
+                # The app can't read its body any more: drop the rest, so a disconnect is seen.
+                chunks_out.close()
+                if handle is not None:
+                    try:
+                        await self._pump(handle, exchange)
+                    except Exception as exc:
+                        failure = exc
+                tg.cancel_scope.cancel()
+        finally:
+            self.drain.leave()
+            chunks_in.close()
+            chunks_out.close()
+        if failure is None:
+            return
+        if exchange.headers_sent or exchange.disconnected:
+            raise failure  # the response is under way: the server must abort it
+        await send_problem(send, failure)
+        if not isinstance(failure, LLMBridgeError):
+            # The client got its JSON 500; the server logs the crash, as for any ASGI app
+            # (and test transports that re-raise app errors see it).
+            raise failure
+
+    def _call(self, environ: dict[str, Any], exchange: Exchange) -> AsyncBody | None:
+        """The WSGI call, on a worker thread: app, iteration, close()."""
+        iterable = self.app(environ, exchange.start_response)
+        if isinstance(iterable, AsyncBody) and iterable.exchange is exchange:
+            return iterable  # the loop owns it now, close() included
+        try:
+            single = isinstance(iterable, list | tuple) and len(iterable) == 1
+            for chunk in iterable:
+                if not isinstance(chunk, bytes):
+                    raise TypeError(f"a WSGI app must yield bytes, got {type(chunk).__name__}")
+                if exchange.status is None:
+                    raise RuntimeError("the app produced its body before start_response()")
+                chunk = exchange.clamp(chunk)
+                if chunk:
+                    if single and not exchange.headers_sent:
+                        exchange.set_single_length(len(chunk))
+                    exchange.send_from_thread(chunk, more_body=True)
+                if exchange.complete:
+                    break  # all the declared bytes are out: stop iterating (PEP 3333)
+            if exchange.status is None:
+                raise RuntimeError("the app returned without calling start_response()")
+            if single and not exchange.headers_sent:
+                exchange.set_single_length(0)
+            exchange.send_from_thread(b"", more_body=False)
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
+        return None
+
+    async def _pump(self, handle: AsyncBody, exchange: Exchange) -> None:
+        """Send a stream body from the loop; its thread went back to the pool."""
+        body = handle.body
+        try:
+            if exchange.status is None:
+                raise RuntimeError("the app returned its body without calling start_response()")
+            with anyio.CancelScope() as scope:
+                exchange.cancel_scope = scope
+                if exchange.disconnected:
+                    scope.cancel()
+                try:
+                    # A view may hand over a stream before its first output: an error
+                    # before any text still gets its own status, not a broken 200.
+                    await body.stream.await_started(body.start_timeout)
+                except LLMBridgeError as error:  # Timeout included: it cancelled the job
+                    await send_problem(exchange.raw_send, error)
+                    return
+                chunks = body.__aiter__()
+                try:
+                    async for chunk in chunks:
+                        await exchange.send_body(chunk, True)
+                finally:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        with anyio.CancelScope(shield=True):
+                            await aclose()
+                await exchange.send_body(b"", False)
+        except ClientDisconnected:
+            pass
+        finally:
+            exchange.cancel_scope = None
+            handle.close()
+
+
+def to_asgi(app: WSGIApp, **options: Any) -> WSGIMiddleware:
+    """``WSGIMiddleware(app, **options)``: see it for the options."""
+    return WSGIMiddleware(app, **options)
