@@ -137,3 +137,29 @@ app = to_asgi(
     drain_timeout=float(os.environ.get("ASGI_TEST_DRAIN", "2")),
     on_shutdown=on_shutdown,
 )
+
+
+def _mount_app() -> Flask:
+    """A bare Flask app that reports where it thinks it is mounted."""
+    mounted = Flask("mounted")
+
+    @mounted.get("/hello")
+    def hello() -> Response:
+        return jsonify(script_root=request.script_root, path=request.path)
+
+    return mounted
+
+
+def __getattr__(name: str) -> Any:
+    # ``mount_<adapter>``: the same app under each adapter, built only when asked for.
+    if name == "mount_ours":
+        return to_asgi(_mount_app())
+    if name == "mount_asgiref":
+        from asgiref.wsgi import WsgiToAsgi
+
+        return WsgiToAsgi(_mount_app())
+    if name == "mount_a2wsgi":
+        from a2wsgi import WSGIMiddleware
+
+        return WSGIMiddleware(_mount_app())
+    raise AttributeError(name)

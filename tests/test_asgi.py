@@ -111,6 +111,62 @@ async def test_headers_are_cgi_named_and_duplicates_joined() -> None:
     assert env["HTTP_ACCEPT"] == "*/*"
 
 
+async def test_duplicate_header_limit_is_asgirefs_option_and_answers_431() -> None:
+    """``duplicate_header_limit`` (asgiref's option, default 100) is accepted; one header
+    name repeated more often is a 431 problem+json the app never sees."""
+    seen: list[Environ] = []
+    app = WSGIMiddleware(echo_environ(seen), duplicate_header_limit=3)
+    ok = await request(app, headers=[(b"x-a", b"1")] * 3)
+    assert ok.status == 200
+    assert seen[0]["HTTP_X_A"] == "1,1,1"
+    over = await request(app, headers=[(b"x-a", b"1")] * 4)
+    assert over.status == 431
+    assert over.header("content-type") == "application/problem+json"
+    assert over.json()["status"] == 431
+    assert len(seen) == 1
+    default = await request(to_asgi(echo_environ(seen)), headers=[(b"x-b", b"v")] * 101)
+    assert default.status == 431
+    with pytest.raises(ValueError, match="duplicate_header_limit"):
+        WSGIMiddleware(echo_environ([]), duplicate_header_limit=-1)
+
+
+async def test_many_duplicate_headers_join_in_one_pass_without_a_limit() -> None:
+    """50,000 duplicates with the limit off: every value arrives, joined once, in order."""
+    seen: list[Environ] = []
+    values = [str(i).encode() for i in range(50_000)]
+    app = WSGIMiddleware(echo_environ(seen), duplicate_header_limit=None)
+    response = await request(app, headers=[(b"x-many", v) for v in values])
+    assert response.status == 200
+    assert seen[0]["HTTP_X_MANY"] == ",".join(v.decode() for v in values)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/x", ("/api", "/x")),
+        ("/x", ("/api", "/x")),
+        ("/api", ("/api", "")),
+        ("/apix", ("/api", "/apix")),
+    ],
+)
+async def test_script_name_option_is_the_mount_prefix(path: str, expected: tuple[str, str]) -> None:
+    """``script_name=`` (default ``$SCRIPT_NAME``) becomes SCRIPT_NAME; a path under it
+    loses the prefix, one beside it (``/apix``) keeps its path."""
+    seen: list[Environ] = []
+    await request(WSGIMiddleware(echo_environ(seen), script_name="/api/"), "GET", path)
+    assert (seen[0]["SCRIPT_NAME"], seen[0]["PATH_INFO"]) == expected
+
+
+async def test_script_name_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a2wsgi, the ``SCRIPT_NAME`` environment variable is the default prefix."""
+    monkeypatch.setenv("SCRIPT_NAME", "/mnt")
+    seen: list[Environ] = []
+    await request(to_asgi(echo_environ(seen)), "GET", "/mnt/y")
+    assert (seen[0]["SCRIPT_NAME"], seen[0]["PATH_INFO"]) == ("/mnt", "/y")
+    with pytest.raises(ValueError, match="script_name"):
+        WSGIMiddleware(echo_environ([]), script_name="api")
+
+
 async def test_header_names_with_underscores_are_dropped() -> None:
     """X_Forwarded_For can't shadow X-Forwarded-For (as gunicorn and nginx do)."""
     seen: list[Environ] = []

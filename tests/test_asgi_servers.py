@@ -269,3 +269,43 @@ async def test_uvicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_kno
     assert got[-1].event == "error", got[-3:]
     assert got[-1].json()["error"] == "EngineClosed"
     assert uvicorn.proc.wait(20) is not None
+
+
+def mounted_outcome(adapter: str, path: str, *, root_path: str = "", env: Any = None) -> Any:
+    args = [
+        PYTHON, "-m", "uvicorn", f"asgi_apps:mount_{adapter}",
+        "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
+    ]  # fmt: skip
+    if root_path:
+        args += ["--root-path", root_path]
+    with run_server(args, port=free_port(), env=env, ready_timeout=60) as server:
+        response = httpx.get(f"{server.url}{path}", timeout=30)
+        return response.status_code, response.json() if response.status_code == 200 else None
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_root_path_matches_asgiref_and_a2wsgi() -> None:
+    """uvicorn --root-path /api, as behind a proxy that strips /api (the client's /api/hello
+    arrives as /hello) and one that doesn't (it arrives as /api/hello): the same status,
+    script_root and path as asgiref's WsgiToAsgi and a2wsgi."""
+    for path in ("/hello", "/api/hello"):
+        ours = mounted_outcome("ours", path, root_path="/api")
+        assert ours == mounted_outcome("asgiref", path, root_path="/api"), path
+        assert ours == mounted_outcome("a2wsgi", path, root_path="/api"), path
+    assert mounted_outcome("ours", "/hello", root_path="/api") == (
+        200,
+        {"script_root": "/api", "path": "/hello"},
+    )
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_script_name_environment_variable_mounts_the_app() -> None:
+    """SCRIPT_NAME=/api in the server's environment (a2wsgi's convention): url_for and
+    script_root see /api behind either proxy; a forwarded /api prefix is stripped from
+    PATH_INFO too (gunicorn's rule), where a2wsgi keeps it and answers 404."""
+    env = {"SCRIPT_NAME": "/api"}
+    stripped = (200, {"script_root": "/api", "path": "/hello"})
+    assert mounted_outcome("ours", "/hello", env=env) == stripped
+    assert mounted_outcome("a2wsgi", "/hello", env=env) == stripped
+    assert mounted_outcome("ours", "/api/hello", env=env) == stripped
+    assert mounted_outcome("a2wsgi", "/api/hello", env=env)[0] == 404  # the documented difference

@@ -97,7 +97,8 @@ def build_environ(
     server = scope.get("server")
     if server:
         environ["SERVER_NAME"] = str(server[0])
-        environ["SERVER_PORT"] = str(server[1]) if server[1] is not None else "80"
+        # A unix socket has no port: "0", as asgiref and a2wsgi say.
+        environ["SERVER_PORT"] = str(server[1]) if server[1] is not None else "0"
     else:
         host = environ.get("HTTP_HOST", "")
         name, colon, port = host.rpartition(":")

@@ -169,9 +169,12 @@ class Exchange:
                 await self.raw_send(
                     {"type": "http.response.start", "status": self.status, "headers": self.headers}
                 )
-            await self.raw_send(
-                {"type": "http.response.body", "body": data, "more_body": more_body}
-            )
+            if data or more_body:
+                await self.raw_send(
+                    {"type": "http.response.body", "body": data, "more_body": more_body}
+                )
+            else:  # the end, spelled as asgiref does (body and more_body at their defaults)
+                await self.raw_send({"type": "http.response.body"})
         except OSError as exc:  # some servers raise on a closed connection
             self.set_disconnected()
             raise ClientDisconnected("the client disconnected") from exc
