@@ -215,11 +215,12 @@ def _engine_like(obj: Any) -> bool:
 def engines_of(*sources: Any) -> list[Any]:
     """The engines to start and close for ``sources``, by an explicit contract.
 
-    Each source is one of: an *engine*, anything with ``start()`` and ``aclose()`` or
-    ``close()`` (:class:`~llmbridge.Engine`, :class:`~llmbridge.policies.Pipeline`, a
-    remote submitter), taken as it is; a *bridge*, anything with an ``engines``
-    attribute (``FlaskBridge.engines``), whose engines are taken; or an *app* whose
-    ``extensions["llmbridge"]`` is a bridge (Flask, Quart), or holds an ``engine``.
+    Each source is one of: a *bridge*, anything whose class has an ``engines``
+    attribute (``FlaskBridge.engines``), whose engines are taken; an *engine*,
+    anything with ``start()`` and ``aclose()`` or ``close()`` (:class:`~llmbridge.Engine`,
+    :class:`~llmbridge.policies.Pipeline`, a remote submitter), taken as it is; or an
+    *app* whose ``extensions["llmbridge"]`` is a bridge (Flask, Quart) with ``engines``
+    or a single ``engine``.
     Nothing else is searched: an app wrapped in other WSGI middleware passes its engines
     with ``engines=``. Deduplicated by identity, in order. Never raises, never blocks.
     """
@@ -249,10 +250,11 @@ def engines_of(*sources: Any) -> list[Any]:
     for source in sources:
         if source is None:
             continue
+        if hasattr(type(source), "engines"):  # a bridge (it may have start/close too)
+            add_bridge(source)
+            continue
         if _engine_like(source):
             add(source)
-            continue
-        if add_bridge(source) and not hasattr(source, "extensions"):
             continue
         extensions = getattr(source, "extensions", None)
         if isinstance(extensions, dict) and extensions.get("llmbridge") is not None:
