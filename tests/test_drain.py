@@ -83,7 +83,8 @@ async def test_a_single_engine_bridge_names_it_engine() -> None:
             self.engine = engine
 
     class App:
-        extensions = {"llmbridge": OneEngineBridge()}
+        def __init__(self) -> None:
+            self.extensions = {"llmbridge": OneEngineBridge()}
 
     assert engines_of(App()) == [engine]
 
