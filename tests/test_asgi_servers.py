@@ -309,3 +309,25 @@ def test_uvicorn_script_name_environment_variable_mounts_the_app() -> None:
     assert mounted_outcome("a2wsgi", "/hello", env=env) == stripped
     assert mounted_outcome("ours", "/api/hello", env=env) == stripped
     assert mounted_outcome("a2wsgi", "/api/hello", env=env)[0] == 404  # the documented difference
+
+
+@pytest.mark.timeout(90)
+async def test_gunicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_know(
+    shutdown_file: Path,
+) -> None:
+    """gunicorn -k uvicorn_worker.UvicornWorker: the same as under uvicorn, a body the
+    drain only knows from ASYNC_BODY_KEY ends with event: error; the workers exit 0."""
+    env = {"ASGI_TEST_SHUTDOWN_FILE": str(shutdown_file), "ASGI_TEST_DRAIN": "1"}
+    with run_server(gunicorn_args(), port=free_port(), env=env, ready_timeout=60) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            got: list[ServerSentEvent] = []
+            decoder = SSEDecoder()
+            async with client.stream("GET", f"{server.url}/unknown?prompt=g") as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_bytes():
+                    got.extend(decoder.feed(chunk))
+                    if len(got) == 1:
+                        server.proc.send_signal(signal.SIGTERM)
+        assert got[-1].event == "error", got[-3:]
+        assert got[-1].json()["error"] == "EngineClosed"
+        assert server.proc.wait(30) == 0

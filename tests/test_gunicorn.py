@@ -31,6 +31,9 @@ def test_flask_example_under_gunicorn_uvicorn_worker() -> None:
             assert response.status_code == 200, response.text
             events = SSEDecoder().feed(response.content)
             assert events[-1].event == "done"
+            # An async def view that reads its JSON body (it runs on the bridge's loop).
+            answer = client.post(f"{server.url}/v1/answer", json={"question": "what is up?"})
+            assert answer.status_code == 200, answer.text
             bad = client.post(f"{server.url}/v1/stream", content=b"{not json")
             assert bad.status_code == 400
             assert bad.headers["content-type"] == "application/problem+json"
