@@ -1,8 +1,9 @@
 """A WSGI → ASGI 3 adapter where streams don't hold threads.
 
 Each request's WSGI call (the app, then the iteration of its body, then ``close()``)
-runs in one worker thread from a bounded pool (an anyio :class:`~anyio.CapacityLimiter`
-over :func:`anyio.to_thread.run_sync`), in one contextvars context. The request body
+runs in one worker thread from a bounded pool (a
+:class:`~concurrent.futures.ThreadPoolExecutor` of ``workers`` threads), in one copy of
+the request's contextvars. The request body
 reaches ``wsgi.input`` chunk by chunk through a small bounded buffer; response chunks go
 out as the app produces them, one at a time, so a slow client slows the app instead of
 filling memory.
@@ -30,14 +31,14 @@ own test suites run against this class in ``.ci/adapter_upstream.sh``):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
-import anyio.abc
-import anyio.to_thread
 
 from ..._exceptions import LLMBridgeError
 from ..body import ASYNC_BODY_KEY
@@ -131,8 +132,8 @@ class WSGIMiddleware:
         self._engines = list(engines)
         self._on_startup = as_hooks(on_startup)
         self._on_shutdown = as_hooks(on_shutdown)
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._limiter_loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = 0
 
     def __repr__(self) -> str:
         return f"<WSGIMiddleware {self.app!r} workers={self.workers}>"
@@ -144,14 +145,32 @@ class WSGIMiddleware:
         return engines_of(*self._engines, self.app)
 
     @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        """The pool's limiter on the running loop (one per loop: anyio limiters are
-        loop-bound)."""
-        loop = asyncio.get_running_loop()
-        if self._limiter is None or self._limiter_loop is not loop:
-            self._limiter = anyio.CapacityLimiter(self.workers)
-            self._limiter_loop = loop
-        return self._limiter
+    def executor(self) -> ThreadPoolExecutor:
+        """The bounded pool WSGI calls run on (``workers`` threads, started as needed).
+
+        Made lazily in the process that serves: a pool made before gunicorn forks would
+        have no threads in the worker."""
+        pid = os.getpid()
+        if self._executor is None or self._executor_pid != pid:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="llmbridge-wsgi")
+            self._executor_pid = pid
+        return self._executor
+
+    async def _run_in_pool(self, environ: dict[str, Any], exchange: Exchange) -> AsyncBody | None:
+        # One hop to the pool and one back per request, with no per-call limiter or
+        # cancel scope: measured, anyio.to_thread.run_sync's bookkeeping was most of the
+        # adapter's own cost per request (benchmarks/streams.py, CPU ms/req).
+        context = contextvars.copy_context()
+        future = asyncio.get_running_loop().run_in_executor(
+            self.executor, context.run, self._call_in_worker, environ, exchange
+        )
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The WSGI call can't be interrupted: wait for it (as anyio does unless told
+            # to abandon the thread), so it never outlives its request's state.
+            await asyncio.wait((future,))
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -208,6 +227,9 @@ class WSGIMiddleware:
             self.drain.restore_signal_handlers()
         for hook in self._on_shutdown:
             await call_hook(hook)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)  # idle threads exit; a stuck call can't be killed
 
     # -- requests ---------------------------------------------------------------------
 
@@ -238,9 +260,7 @@ class WSGIMiddleware:
                 tg.start_soon(pump_input, receive, chunks_in, exchange.set_disconnected)
                 handle: AsyncBody | None = None
                 try:
-                    handle = await anyio.to_thread.run_sync(
-                        self._call, environ, exchange, limiter=self.limiter
-                    )
+                    handle = await self._run_in_pool(environ, exchange)
                 except ClientDisconnected:
                     pass
                 except Exception as exc:
@@ -266,6 +286,18 @@ class WSGIMiddleware:
             # The client got its JSON 500; the server logs the crash, as for any ASGI app
             # (and test transports that re-raise app errors see it).
             raise failure
+
+    def _call_in_worker(self, environ: dict[str, Any], exchange: Exchange) -> AsyncBody | None:
+        # Code in a WSGI app that calls anyio.from_thread.run() (it worked when the pool
+        # was anyio's) finds the loop as in an anyio worker thread.
+        threadlocals = _anyio_threadlocals()
+        if threadlocals is None:
+            return self._call(environ, exchange)
+        threadlocals.current_token = exchange.portal.token
+        try:
+            return self._call(environ, exchange)
+        finally:
+            del threadlocals.current_token
 
     def _call(self, environ: dict[str, Any], exchange: Exchange) -> AsyncBody | None:
         """The WSGI call, on a worker thread: app, iteration, close()."""
@@ -329,6 +361,14 @@ class WSGIMiddleware:
         finally:
             exchange.cancel_scope = None
             handle.close()
+
+
+def _anyio_threadlocals() -> Any:
+    # anyio keeps a worker thread's loop token here (not a public name): if a later
+    # anyio moves it, from_thread calls in apps fail as in any plain thread, nothing else.
+    from anyio._core import _eventloop
+
+    return getattr(_eventloop, "threadlocals", None)
 
 
 def to_asgi(app: WSGIApp, **options: Any) -> WSGIMiddleware:

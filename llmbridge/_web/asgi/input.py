@@ -35,6 +35,11 @@ class LoopPortal:
 
     __slots__ = ("_loop", "_token")
 
+    @property
+    def token(self) -> anyio.lowlevel.EventLoopToken:
+        """The loop's anyio token (``anyio.from_thread.run(..., token=...)``)."""
+        return self._token
+
     def __init__(self) -> None:
         self._token = anyio.lowlevel.current_token()
         self._loop = asyncio.get_running_loop()

@@ -83,7 +83,8 @@ class Exchange:
         untrack: Callable[[StreamBody], None],
     ) -> None:
         self.raw_send = send
-        self._portal = portal
+        #: The adapter's loop, for the app's thread.
+        self.portal = portal
         self._track = track
         self._untrack = untrack
         self.status: int | None = None
@@ -154,7 +155,7 @@ class Exchange:
         """Send ``data`` from the app's thread; blocks it until the loop sent it."""
         if self.disconnected:
             raise ClientDisconnected("the client disconnected")
-        self._portal.run(self.send_body, data, more_body)
+        self.portal.run(self.send_body, data, more_body)
 
     # -- the loop ---------------------------------------------------------------------
 
