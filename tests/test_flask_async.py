@@ -382,3 +382,46 @@ def test_thousand_requests_reuse_upstream_connections(upstream: Upstream) -> Non
     assert errors == []
     assert upstream.requests == 1000
     assert 1 <= len(upstream.ports) <= 20
+
+
+@pytest.mark.timeout(30)
+def test_async_views_write_nothing_into_asgiref_internals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Async views and hooks run on the background loop through asgiref's public API:
+    nothing is written into asgiref's private SyncToAsync.threadlocal."""
+    from asgiref import sync
+
+    writes: list[str] = []
+
+    class Recording(threading.local):
+        def __setattr__(self, name: str, value: Any) -> None:
+            writes.append(name)
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(sync.SyncToAsync, "threadlocal", Recording())
+    app, engine = make_app()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    @app.before_request
+    async def before() -> None:
+        loops.append(asyncio.get_running_loop())
+
+    @app.get("/")
+    async def view() -> dict[str, int]:
+        loops.append(asyncio.get_running_loop())
+        return {"ok": 1}
+
+    replies: list[Any] = []
+
+    def requests() -> None:
+        client = app.test_client()
+        replies.extend(client.get("/").json for _ in range(3))
+
+    thread = threading.Thread(target=requests)
+    thread.start()
+    thread.join(20)
+    assert replies == [{"ok": 1}] * 3
+    assert {id(loop) for loop in loops} == {id(background_loop())}
+    assert writes == []
+    engine.close()
