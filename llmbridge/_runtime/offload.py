@@ -146,6 +146,9 @@ async def run_in_thread(
     caller's :mod:`contextvars` context. ``fn``'s own exceptions propagate unchanged.
 
     Pass options named ``timeout`` or ``limiter`` to ``fn`` with :func:`functools.partial`.
+    anyio keeps worker threads for the lifetime of the calling task tree: a task that
+    lives long (a server's, an engine driver's) reuses them; for one-off tasks (such as
+    ``BackgroundLoop.spawn``) use an :class:`Offloader`, whose pool outlives any task.
     """
     _check_timeout(timeout)
     return await _run_in_thread(fn, args, kwargs, timeout, limiter)
