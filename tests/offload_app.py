@@ -175,8 +175,12 @@ def create_app() -> Flask:
     def baml_view() -> dict[str, Any]:
         return {"text": bridge.to_process(baml_greet, "ada", timeout=60)}
 
+    @app.get("/warm-pid")
+    def warm_pid_view() -> dict[str, Any]:
+        return {"warm": app.config.get("WARM_WORKER")}
+
     if os.environ.get("OFFLOAD_APP_WARM") == "1":
-        bridge.to_process(os.getpid, timeout=60)
+        app.config["WARM_WORKER"] = bridge.to_process(os.getpid, timeout=60)
     return app
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -222,10 +223,11 @@ def test_python_m_flask_run_starts_workers() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_gunicorn_preload_children_get_working_pools(tmp_path: Path) -> None:
+def test_gunicorn_preload_children_get_working_pools() -> None:
     """Under gunicorn --preload, with the master's pool started before it forks (the
     app makes one call while it is created), each worker gets a working pool of its
-    own: calls answer from worker processes that are the worker's, not the master's."""
+    own: calls answer from worker processes that are the worker's, not the master's;
+    a worker that exits stops its own worker processes and leaves the master's alone."""
     env = {"OFFLOAD_APP_WARM": "1"}
     with run_server(under_gunicorn_preload(), port=free_port(), env=env) as server:
         seen: dict[int, set[int]] = {}
@@ -246,6 +248,26 @@ def test_gunicorn_preload_children_get_working_pools(tmp_path: Path) -> None:
             for pid in pids:
                 assert _parent_of(pid) == server_pid
         assert get(server, "/noisy").json() == {"result": "ok"}
+
+        # A gunicorn worker that exits normally stops its own worker processes, never
+        # the ones the master started before forking.
+        warm = get(server, "/warm-pid").json()["warm"]
+        assert _alive(warm)
+        assert _parent_of(warm) == server.proc.pid
+        leaving = next(iter(seen))
+        os.kill(leaving, signal.SIGTERM)
+        assert wait_until(lambda: not _alive(leaving), timeout=30)
+        assert all(not _alive(pid) for pid in seen[leaving])
+        assert _alive(warm)
+        assert get(server, "/noisy").json() == {"result": "ok"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] not in "ZX"
+    except FileNotFoundError:
+        return False
 
 
 def _parent_of(pid: int) -> int:
