@@ -14,23 +14,42 @@ computed from the attention mask, so padding never changes a sequence's numbers.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Any
-
-try:
-    import torch
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "the transformers backend needs torch and transformers: pip install torch "
-        '"llmbridge[hf]" (pick the torch build for your hardware first)'
-    ) from exc
+from typing import TYPE_CHECKING, Any
 
 from .._core.drivers import StepBackend
 from .._core.guard import EntryGuard
 from .._core.stream import Request
 from .._exceptions import BadRequest
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["TransformersGenerator", "TransformersJob", "transformers_backend"]
+
+_INSTALL_HINT = (
+    "the transformers backend needs torch and transformers: pip install torch "
+    '"llmbridge[hf]" (pick the torch build for your hardware first)'
+)
+
+
+def _require_torch() -> None:
+    """Import torch into this module's namespace, or raise an ``ImportError`` that says
+    how to install it.
+
+    Deferred to the first :class:`TransformersGenerator` rather than done at import, so
+    that the adapter's names stay importable without torch: ``from llmbridge.backends
+    import *``, ``hasattr`` and ``inspect.getmembers`` on ``llmbridge.backends`` must work
+    in an app that never builds one.
+    """
+    if "torch" in globals():
+        return
+    try:
+        module = importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    globals()["torch"] = module
 
 
 @dataclass(eq=False)
@@ -72,6 +91,9 @@ class TransformersGenerator:
     ``max_new_tokens``), ``temperature`` (0 or absent: greedy), ``top_p``, ``seed`` and
     ``stop`` (a string or a list of strings; the text ends before the first one).
 
+    Raises ``ImportError`` (naming the install command) when torch is missing: the name
+    itself imports without it, torch loads when the first generator is built.
+
     Not thread-safe, on purpose: drive it from one thread (a
     :class:`~llmbridge.backends.StepBackend` in an :class:`~llmbridge.Engine`). A second
     thread entering raises :class:`~llmbridge.ConcurrentEntryError` instead of corrupting
@@ -86,6 +108,7 @@ class TransformersGenerator:
         max_new_tokens: int = 64,
         device: Any = None,
     ) -> None:
+        _require_torch()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
