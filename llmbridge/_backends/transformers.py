@@ -15,6 +15,7 @@ computed from the attention mask, so padding never changes a sequence's numbers.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,22 @@ def _require_torch() -> None:
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
     globals()["torch"] = module
+
+
+def _cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes the KV cache by: transformers 5 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either version's name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @dataclass(eq=False)
@@ -120,6 +137,7 @@ class TransformersGenerator:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or (
             getattr(config, "n_positions", None)
         )
+        self._cache_arg = _cache_argument(model)
         self._jobs: dict[str, TransformersJob] = {}
         self._rows: list[TransformersJob] = []  # the cache's batch rows, in order
         self._cache: Any = None
@@ -264,7 +282,7 @@ class TransformersGenerator:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         self.prefills += 1
         self._rows = rows
-        self._cache = out.past_key_values
+        self._cache = _cache_of(out)
         self._mask = mask
         self._next_pos = positions[:, -1] + 1
         logits: torch.Tensor = out.logits[:, -1, :]
@@ -280,10 +298,10 @@ class TransformersGenerator:
             input_ids=last,
             attention_mask=mask,
             position_ids=self._next_pos[:, None],
-            past_key_values=self._cache,
             use_cache=True,
+            **{self._cache_arg: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = _cache_of(out)
         self._mask = mask
         self._next_pos = self._next_pos + 1
         logits: torch.Tensor = out.logits[:, -1, :]
