@@ -157,7 +157,7 @@ TWO_LENGTHS = {"prompt": "x", "max_tokens": 2, "max_new_tokens": 3}
         (("GET", "/v1/stream", {"params": {"prompt": "x", "seed": "seven"}}), "integer"),
         (("POST", "/v1/complete", {"json": {"prompt": "x", "seed": -3}}), "from 0 to"),
         (("POST", "/v1/complete", {"json": {"prompt": "x", "max_tokenz": 3}}), "max_tokenz"),
-        (("GET", "/v1/stream", {"params": {"prompt": "x", "tokens": "3"}}), '"tokens"'),
+        (("GET", "/v1/stream", {"params": {"prompt": "x", "tokens": "3"}}), "field 'tokens'"),
         (("POST", "/v1/complete", {"json": TWO_LENGTHS}), "not two different values"),
     ],
 )
@@ -178,3 +178,11 @@ def test_complete_honours_max_new_tokens(client: httpx.Client) -> None:
     assert reply.status_code == 200, reply.text
     assert reply.json()["text"] == GENERATOR.expected_text("hello", 3)
     assert reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_messages_quote_a_huge_value_only_in_part(client: httpx.Client) -> None:
+    """A megabyte-long bad value or field name is quoted in a short detail, not echoed."""
+    huge = "9" * 1_000_000
+    for body in ({"prompt": "x", "max_tokens": huge}, {"prompt": "x", huge: 1}):
+        detail = assert_problem(client.post("/v1/complete", json=body), 400)["detail"]
+        assert len(detail) < 300

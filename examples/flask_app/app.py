@@ -131,7 +131,7 @@ def check_fields(body: dict[str, Any], *allowed: str) -> None:
     """Refuse fields the endpoint doesn't read: a misspelt option must not be ignored."""
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        names = ", ".join(f'"{name}"' for name in unknown)
+        names = ", ".join(shown(name) for name in unknown[:5])
         accepted = ", ".join(f'"{name}"' for name in allowed)
         raise BadRequest(f"unknown field {names}: this endpoint accepts {accepted}")
 
@@ -147,6 +147,12 @@ def text_field(body: dict[str, Any], name: str) -> str:
 INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
 
 
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error message quotes what was sent, not all of it."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def integer_field(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     """An optional integer field within ``[low, high]``. A JSON body must send a
     number; a query string sends text, which is parsed here."""
@@ -156,7 +162,7 @@ def integer_field(body: dict[str, Any], name: str, low: int, high: int) -> int |
     if request.method == "GET" and isinstance(value, str) and INTEGER.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f'"{name}" must be an integer from {low} to {high}, got {value!r}')
+        raise BadRequest(f'"{name}" must be an integer from {low} to {high}, got {shown(value)}')
     if not low <= value <= high:
         raise BadRequest(f'"{name}" must be from {low} to {high}, got {value}')
     return value
@@ -191,7 +197,7 @@ def topic_field(body: dict[str, Any]) -> str:
     """The optional ``topic`` (default ``"engines"``), checked against :data:`TOPIC`."""
     topic = body.get("topic", "engines")
     if not isinstance(topic, str) or not TOPIC.fullmatch(topic):
-        raise BadRequest(f'"topic" must be 1 to 64 letters, digits, "-" or "_", got {topic!r}')
+        raise BadRequest(f'"topic" must be 1 to 64 letters, digits, "-" or "_", got {shown(topic)}')
     return topic
 
 
@@ -232,7 +238,7 @@ def knowledge(topic: str) -> dict[str, str]:
     """A tiny document store, the default upstream of ``/v1/answer``."""
     text = KNOWLEDGE.get(topic)
     if text is None:
-        raise NotFound(f"no document about {topic!r}")
+        raise NotFound(f"no document about {shown(topic)}")
     return {"topic": topic, "text": text}
 
 
@@ -298,7 +304,7 @@ async def retrieve(url: str, topic: str) -> str:
             summary="the retrieval upstream could not be reached",
         ) from exc
     if reply.status_code == 404:
-        raise NotFound(f"no document about {topic!r}")
+        raise NotFound(f"no document about {shown(topic)}")
     try:
         reply.raise_for_status()
         text = reply.json()["text"]
