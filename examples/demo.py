@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     # /v1/answer reads its context from this app's own /kb unless told otherwise: set
     # here, from the address we bound, never from what a request says the host is.
     if app.config["EXAMPLE_RETRIEVAL_URL"] is None:
-        app.config["EXAMPLE_RETRIEVAL_URL"] = f"{base}/kb"
+        local = "127.0.0.1" if args.host in ("", "0.0.0.0", "::") else args.host
+        local = f"[{local}]" if ":" in local else local
+        app.config["EXAMPLE_RETRIEVAL_URL"] = f"http://{local}:{server.port}/kb"
     print(f"llmbridge demo: serving the Flask example app on {base}/ (Ctrl-C to stop)")
     sys.stdout.flush()
 
