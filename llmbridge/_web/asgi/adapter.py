@@ -255,28 +255,33 @@ class WSGIMiddleware:
         environ[ASYNC_BODY_KEY] = exchange.async_body
         failure: BaseException | None = None
         self.drain.enter()
+        # A plain task, not an anyio task group: per request, anyio's group and cancel
+        # scopes were a measurable share of the loop's time at thousands of streams.
+        watcher = asyncio.ensure_future(pump_input(receive, chunks_in, exchange.set_disconnected))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(pump_input, receive, chunks_in, exchange.set_disconnected)
-                handle: AsyncBody | None = None
+            handle: AsyncBody | None = None
+            try:
+                handle = await self._run_in_pool(environ, exchange)
+            except ClientDisconnected:
+                pass
+            except Exception as exc:
+                failure = exc
+            # The app can't read its body any more: drop the rest, so a disconnect is seen.
+            chunks_out.close()
+            if handle is not None:
                 try:
-                    handle = await self._run_in_pool(environ, exchange)
-                except ClientDisconnected:
-                    pass
+                    await self._pump(handle, exchange)
                 except Exception as exc:
                     failure = exc
-                # The app can't read its body any more: drop the rest, so a disconnect is seen.
-                chunks_out.close()
-                if handle is not None:
-                    try:
-                        await self._pump(handle, exchange)
-                    except Exception as exc:
-                        failure = exc
-                tg.cancel_scope.cancel()
         finally:
             self.drain.leave()
             chunks_in.close()
             chunks_out.close()
+            watcher.cancel()
+            try:
+                await watcher  # re-raises what receive() raised, if anything
+            except asyncio.CancelledError:
+                pass
         if failure is None:
             return
         if exchange.headers_sent or exchange.disconnected:
@@ -330,36 +335,43 @@ class WSGIMiddleware:
         return None
 
     async def _pump(self, handle: AsyncBody, exchange: Exchange) -> None:
-        """Send a stream body from the loop; its thread went back to the pool."""
+        """Send a stream body from the loop; its thread went back to the pool.
+
+        A client disconnect closes the body (:meth:`Exchange.set_disconnected`), which
+        cancels the job and ends the wait for its next text with ``Cancelled``."""
         body = handle.body
+        exchange.body = body
         try:
             if exchange.status is None:
                 raise RuntimeError("the app returned its body without calling start_response()")
-            with anyio.CancelScope() as scope:
-                exchange.cancel_scope = scope
-                if exchange.disconnected:
-                    scope.cancel()
-                try:
-                    # A view may hand over a stream before its first output: an error
-                    # before any text still gets its own status, not a broken 200.
-                    await body.stream.await_started(body.start_timeout)
-                except LLMBridgeError as error:  # Timeout included: it cancelled the job
+            if exchange.disconnected:
+                return
+            try:
+                # A view may hand over a stream before its first output: an error
+                # before any text still gets its own status, not a broken 200.
+                await body.stream.await_started(body.start_timeout)
+            except LLMBridgeError as error:  # Timeout included: it cancelled the job
+                if not exchange.client_gone():
                     await send_problem(exchange.raw_send, error)
-                    return
-                chunks = body.__aiter__()
-                try:
-                    async for chunk in chunks:
-                        await exchange.send_body(chunk, True)
-                finally:
-                    aclose = getattr(chunks, "aclose", None)
-                    if aclose is not None:
-                        with anyio.CancelScope(shield=True):
-                            await aclose()
-                await exchange.send_body(b"", False)
+                return
+            chunks = body.__aiter__()
+            try:
+                async for chunk in chunks:
+                    await exchange.send_body(chunk, True)
+            except LLMBridgeError:
+                if exchange.client_gone():
+                    return  # the Cancelled of our own close(): nobody to tell
+                raise
+            finally:
+                # StreamBody's generator ends without awaiting: this can't be cut short.
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            await exchange.send_body(b"", False)
         except ClientDisconnected:
             pass
         finally:
-            exchange.cancel_scope = None
+            exchange.body = None
             handle.close()
 
 

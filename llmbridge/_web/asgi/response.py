@@ -8,8 +8,6 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from types import TracebackType
 from typing import Any
 
-import anyio
-
 from ..._sansio.problem import problem, retry_after_value
 from ..body import ASYNC_BODY_KEY, StreamBody
 from .input import LoopPortal
@@ -92,8 +90,8 @@ class Exchange:
         self.remaining: int | None = None  # bytes the app's Content-Length still allows
         self.headers_sent = False
         self.disconnected = False
-        #: Cancelled when the client goes away (the loop's body pump sets it).
-        self.cancel_scope: anyio.CancelScope | None = None
+        #: The body the loop is pumping, closed when the client goes away.
+        self.body: StreamBody | None = None
 
     # -- WSGI callables (the app's thread) --------------------------------------------
 
@@ -180,11 +178,15 @@ class Exchange:
             self.set_disconnected()
             raise ClientDisconnected("the client disconnected") from exc
 
+    def client_gone(self) -> bool:
+        """Whether the client went away (a call, so checks after an ``await`` re-read it)."""
+        return self.disconnected
+
     def set_disconnected(self) -> None:
-        """The client went away: stop the body pump (on the loop)."""
+        """The client went away: close the body being pumped, if any (on the loop)."""
         self.disconnected = True
-        if self.cancel_scope is not None:
-            self.cancel_scope.cancel()
+        if self.body is not None:
+            self.body.close()
 
     def set_single_length(self, length: int) -> None:
         """A one-chunk body: declare its length unless the app did."""
