@@ -10,6 +10,7 @@ from typing import Any
 from wsgiref.validate import validator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from asgi_driver import Client, request
 
@@ -699,6 +700,44 @@ async def test_wsgi_calls_run_on_a_bounded_pool_in_one_thread_each() -> None:
     assert len(responses) == 12
     assert peak <= workers
     assert all(same_thread)
+
+
+async def test_a_queued_wsgi_call_starts_without_waiting_for_the_loop() -> None:
+    """With the pool full, the next call starts on the thread that just finished, even
+    while the loop is busy: queued requests don't each wait a loop round-trip for a
+    thread (what made Flask's streams scale worse than native ones)."""
+    first_started = threading.Event()
+    release_first = threading.Event()
+    second_started = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        if environ["PATH_INFO"] == "/first":
+            first_started.set()
+            release_first.wait(10)
+            # Fail before any byte: the thread is free without the loop's help (a
+            # response would need the loop to send it).
+            raise RuntimeError("first done")
+        else:
+            second_started.set()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    adapter = to_asgi(app, workers=1)
+    responses: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _append(responses, request(adapter, "GET", "/first")))
+        assert await anyio.to_thread.run_sync(first_started.wait, 10)
+        tg.start_soon(lambda: _append(responses, request(adapter, "GET", "/second")))
+        for _ in range(20):  # let the second request reach the pool's queue
+            await anyio.lowlevel.checkpoint()
+        # Block the loop itself: only the pool can start the second call now.
+        release_first.set()
+        assert second_started.wait(10), "the queued call waited for the loop"
+    assert sorted(r.status for r in responses) == [200, 500]
+
+
+async def _append(into: list[Any], awaitable: Any) -> None:
+    into.append(await awaitable)
 
 
 async def test_contextvars_set_in_the_app_are_seen_by_its_iteration() -> None:
