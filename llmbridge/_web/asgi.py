@@ -31,6 +31,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._exceptions import LLMBridgeError
+from .._sansio.framing import Reply
 from .._sansio.problem import problem, retry_after_value
 from .body import ASYNC_BODY_KEY, StreamBody
 from .drain import Drain, as_hooks, call_hook, find_engines
@@ -371,6 +372,14 @@ async def send_problem(send: Send, error: BaseException) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
+async def _send_reply(send: Send, reply: Reply) -> None:
+    data = reply.body
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    headers.append((b"content-length", str(len(data)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
 class WSGIMiddleware:
     """Serve a WSGI app (Flask, or any PEP 3333 app) from an ASGI 3 server.
 
@@ -592,7 +601,8 @@ class WSGIMiddleware:
                     # before any text still gets its own status, not a broken 200.
                     await body.stream.await_started(body.start_timeout)
                 except LLMBridgeError as error:  # Timeout included: it cancelled the job
-                    await send_problem(exchange.raw_send, error)
+                    # In the body's own shape (problem+json, OpenAI's error under /v1).
+                    await _send_reply(exchange.raw_send, body.error_response(error))
                     return
                 chunks = body.__aiter__()
                 try:

@@ -1,0 +1,236 @@
+"""The OpenAI route table, once for every framework.
+
+:class:`Routes` holds what the Flask and the Quart blueprints share: which URL does what,
+how a request becomes a submitted :class:`Call`, and every answer as a framework-free
+:class:`~llmbridge._sansio.framing.Reply` or a
+:class:`~llmbridge._web.body.StreamBody`. The blueprints only read the body, wait (on a
+thread or on the loop) and turn replies into their framework's responses, so both accept
+the same requests and answer with the same bytes, and a stream takes the one path every
+integration takes (the ASGI adapter's async body, the start timeout, the drain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .._core.channel import Completion
+from .._core.engine import Submitter
+from .._core.stream import Stream
+from .._exceptions import LLMBridgeError
+from .._sansio.framing import Reply
+from .._web.body import StreamBody
+from .responses import (
+    ROUTE_METHODS,
+    SSE_HEADERS,
+    OpenAIFramer,
+    error_reply,
+    model_body,
+    models_body,
+    response_body,
+)
+from .wire import (
+    InvalidRequest,
+    ParsedRequest,
+    Settings,
+    decode_json,
+    parse_chat,
+    parse_completion,
+)
+
+__all__ = ["METHODS", "ROUTES", "Call", "MethodNotAllowed", "Route", "Routes", "too_large"]
+
+logger = logging.getLogger("llmbridge.openai")
+
+_PARSERS: dict[str, Callable[[Any, Settings], ParsedRequest]] = {
+    "chat": parse_chat,
+    "completion": parse_completion,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One URL rule (werkzeug syntax, under the blueprint's prefix) and what serves it:
+    ``kind`` is ``"chat"`` / ``"completion"`` (a generation) or the name of a
+    :class:`Routes` method answering at once."""
+
+    rule: str
+    endpoint: str
+    kind: str
+
+
+#: Every rule the blueprints register. The catch-alls answer unknown URLs under the
+#: prefix with OpenAI's JSON 404 instead of the framework's HTML page.
+ROUTES = (
+    Route("/chat/completions", "chat_completions", "chat"),
+    Route("/completions", "completions", "completion"),
+    Route("/models", "models", "models"),
+    Route("/models/<path:model>", "model", "model"),
+    Route("", "root", "not_found"),
+    Route("/", "root_slash", "not_found"),
+    Route("/<path:rest>", "not_found", "not_found"),
+)
+
+METHODS = ROUTE_METHODS
+
+
+class MethodNotAllowed(InvalidRequest):
+    """A 405: ``allowed`` is the method the URL serves (sent as ``Allow``)."""
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(
+            f"Method {method} is not allowed here; use {allowed}.",
+            code="method_not_allowed",
+            status=405,
+        )
+        self.allowed = allowed
+
+
+def too_large(limit: int) -> InvalidRequest:
+    """The 413 for a body over ``limit`` bytes."""
+    return InvalidRequest(
+        f"The request body is larger than this server accepts ({limit} bytes).",
+        code="request_too_large",
+        status=413,
+    )
+
+
+def report(error: BaseException, request_id: str | None) -> None:
+    """Log an error a client gets only a generic line about, with its request id."""
+    if isinstance(error, InvalidRequest):
+        return
+    if isinstance(error, LLMBridgeError) and error.public:
+        logger.info("request %s: %s: %s", request_id, type(error).__name__, error.message)
+    else:
+        logger.error("request %s failed: %r", request_id, error, exc_info=error)
+
+
+@dataclass(eq=False)
+class Call:
+    """One submitted generation: what was asked, and its stream."""
+
+    routes: Routes
+    parsed: ParsedRequest
+    stream: Stream
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the client asked for SSE (``"stream": true``)."""
+        return self.parsed.stream
+
+    @contextlib.contextmanager
+    def closing_on_error(self) -> Iterator[None]:
+        """Cancel the request if the block raises (the view answers the error)."""
+        try:
+            yield
+        except BaseException:
+            self.stream.close()
+            raise
+
+    def reply(self, completion: Completion) -> Reply:
+        """The whole answer of a non-streamed request."""
+        return Reply.json(response_body(self.parsed, completion))
+
+    def body(self) -> StreamBody:
+        """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
+        request_id = self.stream.id
+        framer = OpenAIFramer(
+            self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
+        )
+        return StreamBody(
+            self.stream,
+            framer=framer,
+            heartbeat=self.routes.heartbeat,
+            start_timeout=self.routes.start_timeout,
+        )
+
+
+class Routes:
+    """The OpenAI surface over one submitter, independent of any framework.
+
+    Options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
+    an SSE comment; ``None``: never), ``start_timeout`` (seconds to wait for the first
+    output before answering 504, streamed or not; ``None``: no limit), ``timeout``
+    (a non-streamed answer's whole deadline after its first output; ``None``: none).
+    Thread-safe: it holds no per-request state.
+    """
+
+    def __init__(
+        self,
+        submitter: Submitter,
+        *,
+        settings: Settings | None = None,
+        heartbeat: float | None = 15.0,
+        start_timeout: float | None = 60.0,
+        timeout: float | None = None,
+    ) -> None:
+        for name, value in (("start_timeout", start_timeout), ("timeout", timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError(f"heartbeat must be > 0 or None, got {heartbeat!r}")
+        self.submitter = submitter
+        self.settings = settings or Settings()
+        self.heartbeat = heartbeat
+        self.start_timeout = start_timeout
+        self.timeout = timeout
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body accepted (413 above it)."""
+        return self.settings.max_body_bytes
+
+    def check_length(self, declared: int | None) -> None:
+        """Raise the 413 :class:`InvalidRequest` when a declared length is over the limit."""
+        if declared is not None and declared > self.max_body_bytes:
+            raise too_large(self.max_body_bytes)
+
+    def submit(self, kind: str, method: str, raw: bytes) -> Call:
+        """Validate a generation request and submit it. Never blocks. Raises
+        :class:`InvalidRequest` (400/405) or the submitter's admission error."""
+        self.allow(method, "POST")
+        parsed = _PARSERS[kind](decode_json(raw), self.settings)
+        return Call(self, parsed, self.submitter.submit(parsed.prompt, **parsed.params))
+
+    def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
+        """The reply of a route that needs no generation (models, unknown URLs)."""
+        try:
+            if kind == "not_found":
+                raise InvalidRequest(
+                    f"Invalid URL ({method} {path}).", code="unknown_url", status=404
+                )
+            self.allow(method, "GET")
+            if kind == "models":
+                return Reply.json(models_body(self.settings))
+            body = model_body(self.settings, model or "")
+            if body is None:
+                raise InvalidRequest(
+                    f"The model '{model}' does not exist.",
+                    param="model",
+                    code="model_not_found",
+                    status=404,
+                )
+            return Reply.json(body)
+        except InvalidRequest as error:
+            return self.failure(error)
+
+    @staticmethod
+    def allow(method: str, allowed: str) -> None:
+        """Raise the 405 :class:`InvalidRequest` unless ``method`` is ``allowed``."""
+        if method != allowed:
+            raise MethodNotAllowed(method, allowed)
+
+    @staticmethod
+    def failure(error: BaseException, request_id: str | None = None) -> Reply:
+        """The JSON reply for ``error`` (logged when the client can't read why)."""
+        report(error, request_id)
+        allowed = getattr(error, "allowed", None)
+        return error_reply(error, request_id, {"Allow": allowed} if allowed else None)
+
+    @staticmethod
+    def stream_headers(call: Call) -> dict[str, str]:
+        """Headers of a streamed answer."""
+        return {**SSE_HEADERS, "X-Request-Id": call.stream.id}
