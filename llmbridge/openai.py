@@ -47,8 +47,10 @@ def flask_blueprint(submitter: Submitter, **options: Any) -> flask.Blueprint:
     Views block their request thread, never the engine; streamed bodies cancel their
     request when the server closes them (client gone). Raises ImportError without Flask.
     """
-    from ._openai.flask_routes import flask_blueprint as build
-
+    try:
+        from ._openai.flask_routes import flask_blueprint as build
+    except ModuleNotFoundError as exc:
+        raise _needs("flask_blueprint", "Flask", "flask", exc) from exc
     return build(submitter, **options)
 
 
@@ -59,6 +61,15 @@ def quart_blueprint(submitter: Submitter, **options: Any) -> quart.Blueprint:
     event loop; a client that disconnects cancels its request. Raises ImportError without
     Quart.
     """
-    from ._openai.quart_routes import quart_blueprint as build
-
+    try:
+        from ._openai.quart_routes import quart_blueprint as build
+    except ModuleNotFoundError as exc:
+        raise _needs("quart_blueprint", "Quart", "quart", exc) from exc
     return build(submitter, **options)
+
+
+def _needs(function: str, framework: str, extra: str, exc: ModuleNotFoundError) -> ImportError:
+    return ImportError(
+        f"llmbridge.openai.{function} needs {framework} (no module {exc.name!r}): "
+        f'pip install "llmbridge[{extra}]"'
+    )

@@ -5,62 +5,47 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from flask import Blueprint, Response, request
-    from werkzeug.exceptions import HTTPException
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'llmbridge.openai.flask_blueprint needs Flask: pip install "llmbridge[flask]"'
-    ) from exc
+import flask
+from werkzeug.exceptions import HTTPException
 
-from .._core.engine import Submitter
-from .._exceptions import LLMBridgeError
-from .._sansio.framing import Reply
 from .._web.body import ASYNC_BODY_KEY
-from .routes import METHODS, ROUTES, Call, Route, Routes, too_large
-from .wire import InvalidRequest, Settings
+from .routes import METHODS, ROUTES, Call, LLMBridgeError, Reply, Route, Routes, Submitter
 
 __all__ = ["flask_blueprint"]
 
-
-def _response(reply: Reply) -> Response:
-    return Response(reply.body, status=reply.status, headers=reply.headers)
+request = flask.request
 
 
-def _read_body(limit: int) -> bytes:
-    """The request body, read in pieces; 413 once it passes ``limit`` bytes (a declared
-    Content-Length over it is refused before reading anything)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large(limit)
+def _response(reply: Reply) -> flask.Response:
+    return flask.Response(reply.body, status=reply.status, headers=reply.headers)
+
+
+def _read_body(routes: Routes) -> bytes:
+    reader = routes.reader(request.content_length)
     try:
-        stream = request.stream
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := stream.read(min(1 << 16, limit + 1 - size)):
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+        while chunk := request.stream.read(reader.wanted):
+            reader.feed(chunk)
     except HTTPException as exc:  # the app's own MAX_CONTENT_LENGTH, a broken body
-        raise InvalidRequest(str(exc.description), status=exc.code or 400) from None
-    return b"".join(chunks)
+        raise reader.refused(exc) from None
+    return reader.result()
 
 
-def _stream(routes: Routes, call: Call) -> Response:
+def _stream(routes: Routes, call: Call) -> flask.Response:
     body = call.body()
     headers = routes.stream_headers(call)
     pump = request.environ.get(ASYNC_BODY_KEY)
-    if pump is not None:
-        # The ASGI adapter pumps the body on its loop: this thread goes back at once.
-        return Response(
-            pump(body), content_type=body.media_type, headers=headers, direct_passthrough=True
-        )
-    return Response(body, content_type=body.media_type, headers=headers)
+    if pump is None:
+        return flask.Response(body, content_type=body.media_type, headers=headers)
+    # The ASGI adapter pumps the body on its loop: this thread goes back at once.
+    handed = pump(body)
+    return flask.Response(
+        handed, content_type=body.media_type, headers=headers, direct_passthrough=True
+    )
 
 
-def _generate(routes: Routes, kind: str) -> Response:
+def _generate(routes: Routes, kind: str) -> flask.Response:
     try:
-        call = routes.submit(kind, request.method, _read_body(routes.max_body_bytes))
+        call = routes.submit(kind, request.method, _read_body(routes))
     except LLMBridgeError as error:
         return _response(routes.failure(error))
     try:
@@ -75,29 +60,21 @@ def _generate(routes: Routes, kind: str) -> Response:
         return _response(routes.failure(error, call.stream.id))
 
 
-def _view(routes: Routes, route: Route) -> Callable[..., Response]:
+def _view(routes: Routes, route: Route) -> Callable[..., flask.Response]:
     if route.kind in ("chat", "completion"):
         return lambda: _generate(routes, route.kind)
-
-    def answer(**args: Any) -> Response:
-        model = args.get("model")
-        return _response(routes.answer(route.kind, request.method, request.path, model))
-
-    return answer
+    return lambda **args: _response(
+        routes.answer(route.kind, request.method, request.path, args.get("model"))
+    )
 
 
 def flask_blueprint(
-    submitter: Submitter,
-    *,
-    settings: Settings | None = None,
-    name: str = "llmbridge_openai",
-    url_prefix: str = "/v1",
-    heartbeat: float | None = 15.0,
-    start_timeout: float | None = 60.0,
-    timeout: float | None = None,
-) -> Blueprint:
-    """A Flask blueprint serving the OpenAI routes (:data:`~llmbridge._openai.routes.ROUTES`)
-    over ``submitter`` (an :class:`~llmbridge.Engine` or any :class:`~llmbridge.Submitter`).
+    submitter: Submitter, *, name: str = "llmbridge_openai", url_prefix: str = "/v1", **options: Any
+) -> flask.Blueprint:
+    """A Flask blueprint serving the OpenAI routes over ``submitter`` (an
+    :class:`~llmbridge.Engine` or any :class:`~llmbridge.Submitter`); ``options`` are
+    :class:`~llmbridge._openai.routes.Routes`'s (``settings``, ``heartbeat``,
+    ``start_timeout``, ``timeout``).
 
     Views run on the request's thread and block it until the answer is complete, or,
     streaming, until the first text is out (so an overload or an upstream error still
@@ -106,16 +83,9 @@ def flask_blueprint(
     Past ``start_timeout`` without output the answer is a 504. Every error is an
     OpenAI-shaped JSON body, unknown URLs under the prefix included.
     """
-    routes = Routes(
-        submitter,
-        settings=settings,
-        heartbeat=heartbeat,
-        start_timeout=start_timeout,
-        timeout=timeout,
-    )
-    bp = Blueprint(name, __name__, url_prefix=url_prefix)
+    routes = Routes(submitter, **options)
+    bp = flask.Blueprint(name, __name__, url_prefix=url_prefix)
     for route in ROUTES:
-        if route.kind == "not_found" and not url_prefix.strip("/"):
-            continue  # at the root, the app's own 404s stay the app's
-        bp.add_url_rule(route.rule, route.endpoint, _view(routes, route), methods=METHODS)
+        if route.kind != "not_found" or url_prefix.strip("/"):  # at the root: the app's 404
+            bp.add_url_rule(route.rule, route.endpoint, _view(routes, route), methods=METHODS)
     return bp

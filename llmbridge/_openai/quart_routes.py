@@ -14,22 +14,13 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-try:
-    from quart import Blueprint, Quart, Response, current_app, request
-    from werkzeug.datastructures import Headers
-    from werkzeug.exceptions import HTTPException
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'llmbridge.openai.quart_blueprint needs Quart: pip install "llmbridge[quart]"'
-    ) from exc
+from quart import Blueprint, Quart, Response, current_app, request
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException
 
-from .._core.engine import Submitter
-from .._exceptions import LLMBridgeError
-from .._sansio.framing import Reply
 from .._web.body import StreamBody
 from .._web.drain import Drain, find_engines
-from .routes import METHODS, ROUTES, Call, Route, Routes, too_large
-from .wire import InvalidRequest, Settings
+from .routes import METHODS, ROUTES, Call, LLMBridgeError, Reply, Route, Routes, Submitter
 
 __all__ = ["quart_blueprint"]
 
@@ -38,21 +29,14 @@ def _response(reply: Reply) -> Response:
     return Response(reply.body, status=reply.status, headers=Headers(reply.headers))
 
 
-async def _read_body(limit: int) -> bytes:
-    """The request body as it arrives; 413 once it passes ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+async def _read_body(routes: Routes) -> bytes:
+    reader = routes.reader(request.content_length)
     try:
         async for chunk in request.body:
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+            reader.feed(chunk)
     except HTTPException as exc:  # the app's own MAX_CONTENT_LENGTH, a body timeout
-        raise InvalidRequest(str(exc.description), status=exc.code or 400) from None
-    return b"".join(chunks)
+        raise reader.refused(exc) from None
+    return reader.result()
 
 
 class _Drains:
@@ -106,7 +90,7 @@ async def _pump(drain: Drain | None, body: StreamBody) -> AsyncIterator[bytes]:
 
 async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
     try:
-        call = routes.submit(kind, request.method, await _read_body(routes.max_body_bytes))
+        call = routes.submit(kind, request.method, await _read_body(routes))
     except LLMBridgeError as error:
         return _response(routes.failure(error))
     return await _answer(routes, drains, call)
@@ -147,31 +131,25 @@ def _view(routes: Routes, drains: _Drains, route: Route) -> Callable[..., Awaita
 def quart_blueprint(
     submitter: Submitter,
     *,
-    settings: Settings | None = None,
     name: str = "llmbridge_openai",
     url_prefix: str = "/v1",
-    heartbeat: float | None = 15.0,
-    start_timeout: float | None = 60.0,
-    timeout: float | None = None,
     drain_timeout: float = 10.0,
     retry_after: float = 5.0,
     handle_signals: bool = True,
+    **options: Any,
 ) -> Blueprint:
-    """A Quart blueprint serving the OpenAI routes over ``submitter``.
+    """A Quart blueprint serving the OpenAI routes over ``submitter``; ``options`` are
+    :class:`~llmbridge._openai.routes.Routes`'s (``settings``, ``heartbeat``,
+    ``start_timeout``, ``timeout``).
 
     Views never block the event loop: they await the engine. An answer starts only once
     the first text is out (504 past ``start_timeout``), so an overload or an upstream
     error still gets its own status; a client that disconnects cancels its request. On
-    SIGTERM streams are drained (see the module docstring). Every error is an
-    OpenAI-shaped JSON body, unknown URLs under the prefix included.
+    SIGTERM streams are drained (see the module docstring): ``drain_timeout``,
+    ``retry_after`` and ``handle_signals`` as for :class:`~llmbridge.quart.QuartBridge`.
+    Every error is an OpenAI-shaped JSON body, unknown URLs under the prefix included.
     """
-    routes = Routes(
-        submitter,
-        settings=settings,
-        heartbeat=heartbeat,
-        start_timeout=start_timeout,
-        timeout=timeout,
-    )
+    routes = Routes(submitter, **options)
     drains = _Drains(
         submitter,
         {
@@ -195,5 +173,6 @@ def quart_blueprint(
     for route in ROUTES:
         if route.kind == "not_found" and not url_prefix.strip("/"):
             continue  # at the root, the app's own 404s stay the app's
-        bp.add_url_rule(route.rule, route.endpoint, _view(routes, drains, route), methods=METHODS)
+        view = _view(routes, drains, route)
+        bp.add_url_rule(route.rule, route.endpoint, view, methods=METHODS)
     return bp

@@ -41,7 +41,19 @@ from .wire import (
     parse_completion,
 )
 
-__all__ = ["METHODS", "ROUTES", "Call", "MethodNotAllowed", "Route", "Routes", "too_large"]
+__all__ = [
+    "METHODS",
+    "ROUTES",
+    "BodyReader",
+    "Call",
+    "LLMBridgeError",
+    "MethodNotAllowed",
+    "Reply",
+    "Route",
+    "Routes",
+    "Submitter",
+    "too_large",
+]
 
 logger = logging.getLogger("llmbridge.openai")
 
@@ -106,6 +118,41 @@ def report(error: BaseException, request_id: str | None) -> None:
         logger.info("request %s: %s: %s", request_id, type(error).__name__, error.message)
     else:
         logger.error("request %s failed: %r", request_id, error, exc_info=error)
+
+
+class BodyReader:
+    """Collects one request body, refusing it (413) once it passes ``limit`` bytes, or
+    before reading anything when its declared length already does. Not thread-safe."""
+
+    def __init__(self, limit: int, declared: int | None) -> None:
+        if declared is not None and declared > limit:
+            raise too_large(limit)
+        self.limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    @property
+    def wanted(self) -> int:
+        """How much to read next: enough to see the limit passed, at most 64 KiB."""
+        return min(1 << 16, self.limit + 1 - self._size)
+
+    def feed(self, chunk: bytes) -> None:
+        """Add the next piece. Raises the 413 :class:`InvalidRequest` past the limit."""
+        self._size += len(chunk)
+        if self._size > self.limit:
+            raise too_large(self.limit)
+        self._chunks.append(chunk)
+
+    def result(self) -> bytes:
+        """The whole body."""
+        return b"".join(self._chunks)
+
+    @staticmethod
+    def refused(exc: Any) -> InvalidRequest:
+        """A framework's HTTP exception from reading the body (its own size limit, a
+        body timeout) as the JSON error to answer."""
+        code = getattr(exc, "code", None)
+        return InvalidRequest(str(getattr(exc, "description", "")), status=code or 400)
 
 
 @dataclass(eq=False)
@@ -183,10 +230,9 @@ class Routes:
         """The largest request body accepted (413 above it)."""
         return self.settings.max_body_bytes
 
-    def check_length(self, declared: int | None) -> None:
-        """Raise the 413 :class:`InvalidRequest` when a declared length is over the limit."""
-        if declared is not None and declared > self.max_body_bytes:
-            raise too_large(self.max_body_bytes)
+    def reader(self, declared: int | None) -> BodyReader:
+        """A :class:`BodyReader` for a body declaring ``declared`` bytes (or ``None``)."""
+        return BodyReader(self.settings.max_body_bytes, declared)
 
     def submit(self, kind: str, method: str, raw: bytes) -> Call:
         """Validate a generation request and submit it. Never blocks. Raises
