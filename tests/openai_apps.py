@@ -79,8 +79,9 @@ def build(kind: str) -> Any:
 
 KIND = os.environ.get("OPENAI_APP", "flask")
 app = build(KIND)
-#: The Flask app under llmbridge.asgi: ``uvicorn openai_apps:asgi``.
-asgi = to_asgi(app, engines=[ENGINE], drain_timeout=DRAIN_TIMEOUT) if KIND != "quart" else None
+#: The Flask app under llmbridge.asgi: ``uvicorn openai_apps:asgi``. No ``engines=``:
+#: the adapter's drain must end /v1 streams it pumps without knowing their engine.
+asgi = to_asgi(app, drain_timeout=DRAIN_TIMEOUT) if KIND != "quart" else None
 
 if __name__ == "__main__":
     from werkzeug.serving import run_simple

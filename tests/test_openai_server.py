@@ -286,7 +286,10 @@ async def test_200_flask_v1_streams_under_to_asgi_hold_a_bounded_number_of_threa
             body = {"model": "sim", "prompt": f"p{i}", "max_tokens": 500, "stream": True}
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 assert response.status_code == 200
-                async for line in response.aiter_lines():
+                # Keep the iterator referenced: a dropped one is finalized, and that
+                # closes the connection (the server would see the client leave).
+                lines = response.aiter_lines()
+                async for line in lines:
                     if line.startswith("data:"):
                         break
                 started += 1
@@ -357,6 +360,7 @@ def test_sigterm_mid_stream_ends_v1_streams_with_a_final_event_and_a_clean_end(
                 events += decoder.feed(piece)
             ended = time.monotonic()
         assert server.proc.wait(30) is not None
+    assert events[-1].data != "[DONE]", "the stream ran to its end: it was not drained"
     last = events[-1].json()
     assert last["error"]["code"] == "engine_closed", last
     assert all("choices" in event.json() for event in events[:-1])
