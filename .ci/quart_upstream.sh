@@ -3,7 +3,7 @@
 # creates. The two outcomes must be identical (some tests may fail in both runs: see the
 # suite's README). No Quart sdist ships its tests, so a copy lives in the shared folder
 # beside the repository (QUART_SUITE overrides where); it is read-only, so it is copied
-# to a temporary folder first. Installs what the suite needs into the current Python.
+# to a temporary folder first. Installs what the suite needs (into that folder only).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 suite="${QUART_SUITE:-$root/../shared/peer-suites/quart}"
@@ -11,9 +11,13 @@ if [ ! -f "$suite/test_basic.py" ]; then
     echo "Quart's test suite is not at $suite" >&2
     exit 1
 fi
-python -m pip install -q "pytest-asyncio>=0.23" hypothesis python-dotenv
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# What the suite needs beyond the dev extra, in a folder of its own: pytest-asyncio in
+# the current Python would break the project's own suite (its config warning is an error
+# under filterwarnings = error). hypothesis comes with the dev extra.
+python -m pip install -q --no-deps --target "$work/deps" "pytest-asyncio>=0.23" python-dotenv
+export PYTHONPATH="$work/deps${PYTHONPATH:+:$PYTHONPATH}"
 cp -r "$suite" "$work/tests"
 chmod -R u+w "$work/tests"
 # Quart's own pytest settings (its pyproject.toml), so the suite runs as it does there.
@@ -31,7 +35,7 @@ outcome() {
         | grep -E '^((PASSED|FAILED|ERROR|XFAIL|XPASS) tests/|SKIPPED \[)' | sed -E 's/ - .*//' | sort || true
 }
 outcome > "$work/plain.txt"
-PYTHONPATH="$root:$root/tests" outcome -p quart_upstream_plugin > "$work/bridged.txt"
+PYTHONPATH="$root:$root/tests:$PYTHONPATH" outcome -p quart_upstream_plugin > "$work/bridged.txt"
 if ! grep -q '^PASSED' "$work/plain.txt"; then
     echo "Quart's test suite passed no test: nothing was compared" >&2
     exit 1
