@@ -31,7 +31,7 @@ from .._core.stream import Stream
 from .._exceptions import Cancelled, LLMBridgeError
 from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.options import check_bridge_options
-from .._sansio.problem import problem, problem_headers
+from .._sansio.problem import problem, problem_headers, problem_status
 from .body import BodyFormat, StreamBody
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "AppState",
     "Bridge",
     "SETTINGS",
+    "log_answer",
     "problem_parts",
     "valid_request_id",
 ]
@@ -97,13 +98,15 @@ def _current_request_id(web: Any) -> str:
     return known
 
 
-def log_failure(error: BaseException, request_id: str) -> None:
-    """Log what a client was not told: a non-public error's full text, with the request
-    id, at ERROR with its traceback. Public errors (429, 503, ...) go to INFO."""
+def log_answer(error: BaseException, request_id: str) -> None:
+    """Log how a request was answered with ``error``, under its id. A non-public error's
+    full text (hidden from the client) goes to WARNING, a public one (429, 503, ...) to
+    INFO. One line, no traceback: the engine logs a backend's failure where it happens."""
+    status = problem_status(error)
     if isinstance(error, LLMBridgeError) and error.public:
-        logger.info("request %s answered %s: %s", request_id, error.status, error.message)
+        logger.info("request %s answered %s: %s", request_id, status, error.message)
     else:
-        logger.error("request %s failed: %s", request_id, error, exc_info=error)
+        logger.warning("request %s answered %s, details hidden: %s", request_id, status, error)
 
 
 def problem_parts(
@@ -113,7 +116,7 @@ def problem_parts(
     request (id: ``request_id``, else the current one), and logs it. Never raises."""
     try:
         request_id = request_id or _current_request_id(web)
-        log_failure(error, request_id)
+        log_answer(error, request_id)
         body = problem(error, request_id)
         headers = problem_headers(error)
         headers[REQUEST_ID_HEADER] = request_id
@@ -337,9 +340,14 @@ class Bridge:
 
         def closed() -> None:
             # A failure after the 200 was sent: the client got a generic error event.
-            error = stream.channel.error
-            if error is not None and not isinstance(error, Cancelled):
-                log_failure(error, stream.id)
+            try:
+                stream.channel.completion()
+            except Cancelled:
+                pass
+            except LLMBridgeError as error:
+                log_answer(error, stream.id)
+            except RuntimeError:
+                pass  # not ended: the body was closed early, which cancelled it
 
         return StreamBody(
             stream,
