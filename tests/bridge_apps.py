@@ -7,12 +7,14 @@ Routes: ``/generate?p=&n=``, ``/sse?p=&n=&fail_after=`` (the backend fails after
 many chunks with an error holding :data:`SECRET`), ``/offload`` (a blocking call past
 its 0.2 s timeout), ``/retry?after=`` (``Overloaded`` with that ``retry_after``),
 ``/hostile`` (an error subclass with an impossible status and ``retry_after``),
-``/conflict`` (409, answered by the app's own handler registered after the bridge),
+``/loop`` (an ``async def`` view: how many loops it ran on so far), ``/conflict`` (409,
+answered by the app's own handler registered after the bridge),
 ``/plain`` (a view that doesn't use the bridge).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -60,6 +62,17 @@ class Hostile(LLMBridgeError):
         self.retry_after = object()  # type: ignore[assignment]
 
 
+_loops: list[asyncio.AbstractEventLoop] = []
+
+
+def count_loops() -> int:
+    """How many event loops ``/loop`` ran on so far (held, so no id is reused)."""
+    loop = asyncio.get_running_loop()
+    if all(seen is not loop for seen in _loops):
+        _loops.append(loop)
+    return len(_loops)
+
+
 def _engine() -> Engine | None:
     return None if os.environ.get("BRIDGE_APPS_ENGINE") == "none" else Engine(backend)
 
@@ -84,6 +97,11 @@ def flask_sse() -> Any:
 def flask_offload() -> Any:
     flask_bridge.to_thread(time.sleep, 1.0, timeout=0.2)
     return {"slept": True}
+
+
+@flask_app.get("/loop")
+async def flask_loop() -> Any:
+    return {"loops": count_loops()}
 
 
 @flask_app.get("/retry")
@@ -133,6 +151,11 @@ async def quart_sse() -> Any:
 async def quart_offload() -> Any:
     await quart_bridge.to_thread(time.sleep, 1.0, timeout=0.2)
     return {"slept": True}
+
+
+@quart_app.get("/loop")
+async def quart_loop() -> Any:
+    return {"loops": count_loops()}
 
 
 @quart_app.get("/retry")

@@ -161,6 +161,14 @@ def test_an_engineless_bridge_offloads_and_a_timeout_is_a_504(engineless: Server
     assert reply.json()["request_id"] == "slow-1"
 
 
+def test_an_engineless_bridge_runs_async_views_on_one_loop(engineless: Server) -> None:
+    """Without an engine, async views still run on one long-lived loop per process (for
+    Flask: not a new loop per request), so loop-bound clients survive between requests."""
+    with httpx.Client(base_url=engineless.url, timeout=30) as client:
+        counts = [client.get("/loop").json()["loops"] for _ in range(3)]
+    assert counts == [1, 1, 1]
+
+
 def test_an_engineless_bridge_says_how_to_pass_an_engine(engineless: Server) -> None:
     """A method that needs an engine answers 500 problem+json that says how to pass one."""
     with httpx.Client(base_url=engineless.url, timeout=30) as client:
