@@ -108,17 +108,30 @@ class Framer(Protocol):
         ...
 
 
-def problem_reply(error: BaseException) -> Reply:
-    """``application/problem+json`` for ``error``, with ``Retry-After`` when it has one."""
+def problem_reply(error: BaseException, request_id: str | None = None) -> Reply:
+    """``application/problem+json`` for ``error`` (naming ``request_id``), with
+    ``Retry-After`` when it has one. Never raises."""
     headers = problem_headers(error)
     content_type = headers.pop("Content-Type")
-    status = int(problem(error)["status"])
-    return Reply.json(problem(error), status, content_type=content_type, headers=headers)
+    body = problem(error, request_id)
+    return Reply.json(body, int(body["status"]), content_type=content_type, headers=headers)
 
 
-class SSEFramer:
+class _ProblemErrors:
+    """Early failures as problem+json naming the request id."""
+
+    def __init__(self, *, request_id: str | None = None) -> None:
+        self.request_id = request_id
+
+    def error_response(self, error: BaseException) -> Reply:
+        """problem+json."""
+        return problem_reply(error, self.request_id)
+
+
+class SSEFramer(_ProblemErrors):
     """Server-sent events: ``data: {"text": ...}`` per chunk, ``:`` heartbeats, a final
-    ``event: done`` with finish reason and usage, or ``event: error`` with a problem."""
+    ``event: done`` with finish reason and usage, or ``event: error`` with a problem
+    (naming ``request_id``, so the client can point at the log line with the details)."""
 
     media_type = "text/event-stream"
     heartbeats = True
@@ -151,14 +164,10 @@ class SSEFramer:
 
     def error(self, error: BaseException) -> bytes:
         """``event: error`` with a problem object (no backend text)."""
-        return encode_error(problem(error))
-
-    def error_response(self, error: BaseException) -> Reply:
-        """problem+json."""
-        return problem_reply(error)
+        return encode_error(problem(error, self.request_id))
 
 
-class TextFramer:
+class TextFramer(_ProblemErrors):
     """The raw UTF-8 text, nothing around it."""
 
     media_type = "text/plain; charset=utf-8"
@@ -183,7 +192,3 @@ class TextFramer:
     def error(self, error: BaseException) -> None:
         """Plain text can't carry an error: the body raises."""
         return None
-
-    def error_response(self, error: BaseException) -> Reply:
-        """problem+json."""
-        return problem_reply(error)

@@ -66,7 +66,8 @@ class StreamBody:
         if heartbeat is not None and heartbeat <= 0:
             raise ValueError(f"heartbeat must be > 0 or None, got {heartbeat!r}")
         if framer is None:
-            framer = SSEFramer() if format == "sse" else TextFramer()
+            # The request id lets the client point at the log line that holds the details.
+            framer = (SSEFramer if format == "sse" else TextFramer)(request_id=stream.id)
         self.stream = stream
         self.format = format
         self.framer = framer
