@@ -422,3 +422,20 @@ def test_deep_nesting_and_lone_surrogates_are_400s(server: Server) -> None:
         pair = b'{"model": "sim", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
         ok = http.post("/completions", content=pair, headers={"content-type": "application/json"})
         assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.timeout(30)
+def test_a_valid_client_request_id_names_the_request_end_to_end(server: Server) -> None:
+    """A valid X-Request-Id is the engine request's id, echoed on whole and streamed
+    answers; an invalid one is replaced, never echoed."""
+    body = {"model": "sim", "prompt": "ids", "max_tokens": 2}
+    with httpx.Client(base_url=f"{server.url}/v1", timeout=20) as http:
+        for stream in (False, True):
+            ok = http.post(
+                "/completions", json={**body, "stream": stream}, headers={"X-Request-Id": "ab-1.c"}
+            )
+            assert ok.status_code == 200
+            assert ok.headers["x-request-id"] == "ab-1.c"
+        bad = http.post("/completions", json=body, headers={"X-Request-Id": "no spaces<>"})
+        assert bad.status_code == 200
+        assert bad.headers["x-request-id"] not in ("", "no spaces<>")

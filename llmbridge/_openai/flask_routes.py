@@ -9,7 +9,17 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 from .._web.body import ASYNC_BODY_KEY
-from .routes import METHODS, ROUTES, Call, LLMBridgeError, Reply, Route, Routes, Submitter
+from .routes import (
+    METHODS,
+    REQUEST_ID_HEADER,
+    ROUTES,
+    Call,
+    LLMBridgeError,
+    Reply,
+    Route,
+    Routes,
+    Submitter,
+)
 
 __all__ = ["flask_blueprint"]
 
@@ -45,7 +55,9 @@ def _stream(routes: Routes, call: Call) -> flask.Response:
 
 def _generate(routes: Routes, kind: str) -> flask.Response:
     try:
-        call = routes.submit(kind, request.method, _read_body(routes))
+        call = routes.submit(
+            kind, request.method, _read_body(routes), request.headers.get(REQUEST_ID_HEADER)
+        )
     except LLMBridgeError as error:
         return _response(routes.failure(error))
     try:

@@ -20,7 +20,17 @@ from werkzeug.exceptions import HTTPException
 
 from .._web.body import StreamBody
 from .._web.drain import Drain, find_engines
-from .routes import METHODS, ROUTES, Call, LLMBridgeError, Reply, Route, Routes, Submitter
+from .routes import (
+    METHODS,
+    REQUEST_ID_HEADER,
+    ROUTES,
+    Call,
+    LLMBridgeError,
+    Reply,
+    Route,
+    Routes,
+    Submitter,
+)
 
 __all__ = ["quart_blueprint"]
 
@@ -90,7 +100,9 @@ async def _pump(drain: Drain | None, body: StreamBody) -> AsyncIterator[bytes]:
 
 async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
     try:
-        call = routes.submit(kind, request.method, await _read_body(routes))
+        call = routes.submit(
+            kind, request.method, await _read_body(routes), request.headers.get(REQUEST_ID_HEADER)
+        )
     except LLMBridgeError as error:
         return _response(routes.failure(error))
     return await _answer(routes, drains, call)

@@ -23,6 +23,7 @@ from .._core.stream import Stream
 from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
 from .._web.body import StreamBody
+from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
 from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
@@ -43,6 +44,7 @@ from .wire import (
 
 __all__ = [
     "METHODS",
+    "REQUEST_ID_HEADER",
     "ROUTES",
     "BodyReader",
     "Call",
@@ -179,7 +181,8 @@ class Call:
 
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
-        return Reply.json(response_body(self.parsed, completion))
+        headers = {REQUEST_ID_HEADER: self.stream.id}
+        return Reply.json(response_body(self.parsed, completion), headers=headers)
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
@@ -234,12 +237,16 @@ class Routes:
         """A :class:`BodyReader` for a body declaring ``declared`` bytes (or ``None``)."""
         return BodyReader(self.settings.max_body_bytes, declared)
 
-    def submit(self, kind: str, method: str, raw: bytes) -> Call:
-        """Validate a generation request and submit it. Never blocks. Raises
+    def submit(self, kind: str, method: str, raw: bytes, client_id: str | None = None) -> Call:
+        """Validate a generation request and submit it. Never blocks. ``client_id`` is the
+        client's ``X-Request-Id``: a valid one names the engine request. Raises
         :class:`InvalidRequest` (400/405) or the submitter's admission error."""
         self.allow(method, "POST")
         parsed = _PARSERS[kind](decode_json(raw), self.settings)
-        return Call(self, parsed, self.submitter.submit(parsed.prompt, **parsed.params))
+        request_id = valid_request_id(client_id)
+        named = {} if request_id is None else {"request_id": request_id}
+        stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
+        return Call(self, parsed, stream)
 
     def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
         """The reply of a route that needs no generation (models, unknown URLs)."""
@@ -273,10 +280,13 @@ class Routes:
     def failure(error: BaseException, request_id: str | None = None) -> Reply:
         """The JSON reply for ``error`` (logged when the client can't read why)."""
         report(error, request_id)
+        headers = {} if request_id is None else {REQUEST_ID_HEADER: request_id}
         allowed = getattr(error, "allowed", None)
-        return error_reply(error, request_id, {"Allow": allowed} if allowed else None)
+        if allowed:
+            headers["Allow"] = allowed
+        return error_reply(error, request_id, headers)
 
     @staticmethod
     def stream_headers(call: Call) -> dict[str, str]:
         """Headers of a streamed answer."""
-        return {**SSE_HEADERS, "X-Request-Id": call.stream.id}
+        return {**SSE_HEADERS, REQUEST_ID_HEADER: call.stream.id}
