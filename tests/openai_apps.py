@@ -6,7 +6,8 @@ engine), or ``chain`` (Flask over an :class:`OpenAIBackend` whose upstream is
 
 Knobs, all optional: ``OPENAI_BACKEND=never`` (a backend that never answers),
 ``SIM_STEP_TIME``, ``SIM_MAX_TOKENS``, ``SIM_BATCH`` (the simulated engine),
-``OPENAI_START_TIMEOUT`` (the routes' first-output deadline), ``DRAIN_TIMEOUT``.
+``OPENAI_START_TIMEOUT`` (the routes' first-output deadline), ``DRAIN_TIMEOUT``,
+``QUART_BRIDGE=1`` (a QuartBridge on the Quart app too).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def build(kind: str) -> Any:
         qapp = Quart(__name__)
         bp = quart_blueprint(ENGINE, drain_timeout=DRAIN_TIMEOUT, **_options())
         qapp.register_blueprint(bp)
+        if os.environ.get("QUART_BRIDGE") == "1":  # the bridge's drain counts /v1 streams
+            from llmbridge.quart import QuartBridge
+
+            QuartBridge(qapp, engine=ENGINE, drain_timeout=DRAIN_TIMEOUT)
         return qapp
     if kind == "chain":
         from flask import Flask

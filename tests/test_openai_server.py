@@ -337,14 +337,18 @@ def test_a_backend_that_never_answers_gets_an_openai_shaped_504(
     assert error["code"] == "timeout"
 
 
-@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn", "hypercorn+bridge"])
 @pytest.mark.timeout(90)
 def test_sigterm_mid_stream_ends_v1_streams_with_a_final_event_and_a_clean_end(
     kind: str,
 ) -> None:
     """SIGTERM while /v1 streams run: each ends, within the drain timeout, with a final
-    error event and a properly terminated body; then the server exits."""
+    error event and a properly terminated body; then the server exits. Flask under
+    uvicorn + to_asgi (the adapter's drain), Quart under hypercorn (the blueprint's own
+    drain, or a QuartBridge's when the app has one)."""
     env = {"SIM_STEP_TIME": "0.05", "SIM_MAX_TOKENS": "512", "DRAIN_TIMEOUT": "1"}
+    if kind == "hypercorn+bridge":
+        kind, env["QUART_BRIDGE"] = "hypercorn", "1"
     body = {"model": "sim", "prompt": "drain me", "max_tokens": 500, "stream": True}
     with serve(kind, env) as server, httpx.Client(base_url=server.url, timeout=20) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:

@@ -59,7 +59,10 @@ class _Drains:
 
     def of(self, app: Quart) -> Drain | None:
         """The app's bridge's drain, else ours (``None`` before the app serves)."""
-        drain = getattr(app.extensions.get("llmbridge"), "drain", None)
+        try:
+            drain = getattr(app.extensions.get("llmbridge"), "drain", None)
+        except RuntimeError:  # a bridge that can't tell its app apart here
+            drain = None
         return drain if isinstance(drain, Drain) else self._own.get(app)
 
     async def serving(self) -> None:
