@@ -8,18 +8,11 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
+from .._core.engine import Submitter
+from .._exceptions import LLMBridgeError
+from .._sansio.framing import Reply
 from .._web.body import ASYNC_BODY_KEY
-from .routes import (
-    METHODS,
-    REQUEST_ID_HEADER,
-    ROUTES,
-    Call,
-    LLMBridgeError,
-    Reply,
-    Route,
-    Routes,
-    Submitter,
-)
+from .routes import METHODS, REQUEST_ID_HEADER, ROUTES, Call, Route, Routes
 
 __all__ = ["flask_blueprint"]
 
