@@ -217,7 +217,8 @@ class _Batcher:
             for waiting in queue:
                 job = waiting.job
                 if job.ended:
-                    continue  # the queue dropped it
+                    self.jobs.drop(job)  # idempotent: its consumer left while it waited
+                    continue
                 if now >= waiting.deadline:
                     waited = now - job.request.submitted_at
                     self.jobs.drop(
@@ -249,7 +250,9 @@ class _Batcher:
             for queue in reversed(self.queues):  # highest priority first
                 while queue and len(batch) < backend.max_batch_size:
                     job = queue.popleft().job
-                    if not job.ended:  # else its cancellation is on the way to the queue
+                    if job.ended:
+                        self.jobs.drop(job)  # idempotent: its consumer left while it waited
+                    else:
                         batch.append(job)
             if not batch:
                 continue

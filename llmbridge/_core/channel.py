@@ -207,6 +207,16 @@ class Channel:
         """True once some text was written (read or not)."""
         return self._t_first is not None
 
+    @property
+    def first_text_at(self) -> float | None:
+        """The monotonic time the first text was written, else ``None``."""
+        return self._t_first
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens written so far."""
+        return self._completion_tokens
+
     def wait_space(self, timeout: float | None = None) -> bool:
         """Block the producer's thread while the channel is :attr:`full`; False if
         ``timeout`` passed first. Returns at once once the channel ended."""

@@ -153,7 +153,8 @@ class StepBackend:
             while waiting and len(active) < self.max_batch_size:
                 job = waiting.popleft()
                 if job.ended:
-                    continue  # the queue dropped it
+                    jobs.drop(job)  # idempotent: its consumer left while it waited
+                    continue
                 job.start()
                 try:
                     job.handle = self.make_job(job.request)
@@ -329,7 +330,8 @@ class _AsyncDriver:
                 while self.waiting and len(self.tasks) < self.max_concurrency:
                     job = self.waiting.popleft()
                     if job.ended:
-                        continue  # the queue dropped it
+                        jobs.drop(job)  # idempotent: its consumer left while it waited
+                        continue
                     job.start()
                     task = loop.create_task(self._run(job))
                     self.tasks[job.id] = task
