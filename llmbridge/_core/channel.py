@@ -2,9 +2,11 @@
 
 A channel is written by exactly one producer at a time (the engine thread, or a worker
 thread the engine hands a job to) and read by one consumer: a thread or a coroutine on any
-event loop. Text the consumer has not read yet is coalesced into one string on read, so a
-slow consumer costs that request's own output and never more. Async consumers are woken
-with ``loop.call_soon_threadsafe``; the producer batches those wake-ups per loop and calls
+event loop. A channel holds only the text its consumer has not read yet, coalesced into
+one string on read and forgotten once read; ``max_unread`` bounds it (:attr:`Channel.full`
+tells the producer to wait: :meth:`Channel.wait_space`, :meth:`Channel.await_space`, or a
+one-shot :meth:`Channel.set_on_space` hook). Async consumers are woken with
+``loop.call_soon_threadsafe``; the producer batches those wake-ups per loop and calls
 :meth:`Wakeups.flush` once per engine step.
 """
 
@@ -14,86 +16,12 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from .._exceptions import Cancelled, Timeout
+from .request import Completion, Request
+from .wakeups import Wakeups, resolve
 
 __all__ = ["Channel", "Completion", "Request", "Wakeups"]
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as a backend sees it.
-
-    ``id`` is unique in the process and is the identifier to give a backend job;
-    ``params`` holds the sampling parameters passed to :meth:`Engine.submit`.
-    """
-
-    id: str
-    prompt: str
-    params: dict[str, Any] = field(default_factory=dict)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The whole outcome of a finished request.
-
-    Timings are in seconds from submission: ``queued`` until a backend slot took the
-    request, ``time_to_first_token`` until the first text arrived (``None`` if none did),
-    ``total`` until the end.
-    """
-
-    id: str
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    queued: float
-    time_to_first_token: float | None
-    total: float
-
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)
-
-
-class Wakeups:
-    """Async wake-ups gathered during one engine step, sent once per event loop.
-
-    Not thread-safe: each producer thread keeps its own.
-    """
-
-    __slots__ = ("_by_loop",)
-
-    def __init__(self) -> None:
-        self._by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-
-    def add(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-        futures = self._by_loop.get(loop)
-        if futures is None:
-            self._by_loop[loop] = [future]
-        else:
-            futures.append(future)
-
-    def flush(self) -> None:
-        """Wake every gathered consumer: one ``call_soon_threadsafe`` per loop."""
-        if not self._by_loop:
-            return
-        by_loop, self._by_loop = self._by_loop, {}
-        for loop, futures in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, futures)
-            except RuntimeError:
-                pass  # the consumer's loop is closed: nobody is left to wake
 
 
 _RUNNING, _FINISHED, _FAILED = 0, 1, 2
@@ -321,7 +249,7 @@ class Channel:
             self._waiter = None
             if wakeups is None:
                 try:
-                    waiter[0].call_soon_threadsafe(_resolve, [waiter[1]])
+                    waiter[0].call_soon_threadsafe(resolve, [waiter[1]])
                 except RuntimeError:
                     pass
             else:
@@ -335,7 +263,7 @@ class Channel:
         if space_waiter is not None:
             self._space_waiter = None
             try:
-                space_waiter[0].call_soon_threadsafe(_resolve, [space_waiter[1]])
+                space_waiter[0].call_soon_threadsafe(resolve, [space_waiter[1]])
             except RuntimeError:
                 pass
         on_space = self._on_space
