@@ -73,6 +73,9 @@ class Stream(Closing):
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request ends and return its :class:`Completion`.
 
+        It reads the text as it comes (so a producer bounded by ``max_unread`` never
+        waits on it); its ``text`` is everything no earlier read took.
+
         Raises the request's error (:class:`Cancelled`, :class:`BackendError`, ...) or
         :class:`Timeout` after ``timeout`` seconds, which also cancels the request.
         Don't call it on an event loop: use :meth:`aresult`.
