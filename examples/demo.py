@@ -56,7 +56,9 @@ def preview(base: str, tokens: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--no-preview", action="store_true", help="skip the terminal preview")
     parser.add_argument("--tokens", type=int, default=12, help="tokens per preview stream")
@@ -65,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app()
     server = make_server(args.host, args.port, app, threaded=True)
     base = f"http://{args.host}:{server.port}"
+    # /v1/answer reads its context from this app's own /kb unless told otherwise: set
+    # here, from the address we bound, never from what a request says the host is.
+    if app.config["EXAMPLE_RETRIEVAL_URL"] is None:
+        local = "127.0.0.1" if args.host in ("", "0.0.0.0", "::") else args.host
+        local = f"[{local}]" if ":" in local else local
+        app.config["EXAMPLE_RETRIEVAL_URL"] = f"http://{local}:{server.port}/kb"
     print(f"llmbridge demo: serving the Flask example app on {base}/ (Ctrl-C to stop)")
     sys.stdout.flush()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import os
 import shutil
 import signal
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -140,3 +143,60 @@ def start_redis_server() -> tuple[subprocess.Popen[bytes], str]:
     )
     wait_for_port(port, proc=proc)
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+class RecordingUpstream:
+    """A tiny HTTP server on 127.0.0.1 that records what reaches it, for tests of what
+    an app fetches (and what it must never fetch).
+
+    ``GET /kb/<topic>`` answers ``{"topic": ..., "text": "notes on <topic>"}``; the
+    topics ``missing`` (404), ``broken`` (500 with a body the client must never see),
+    ``nonsense`` (a JSON object without ``text``) and ``notjson`` (HTML) misbehave; any
+    other path answers ``{"ok": true}``. ``requests`` lists ``(path, host)`` in order.
+    Use as a context manager: it serves on a daemon thread and stops on exit.
+    """
+
+    SECRET = "upstream-secret-d41d8cd9"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                upstream.requests.append((self.path, self.headers.get("Host", "")))
+                status, body, kind = 200, json.dumps({"ok": True}), "application/json"
+                if self.path.startswith("/kb/"):
+                    topic = self.path[len("/kb/") :]
+                    body = json.dumps({"topic": topic, "text": f"notes on {topic}"})
+                    if topic == "missing":
+                        status = 404
+                    elif topic == "broken":
+                        status, body = 500, f"stack trace with {upstream.SECRET}"
+                    elif topic == "nonsense":
+                        body = json.dumps({"secret": upstream.SECRET})
+                    elif topic == "notjson":
+                        body, kind = f"<html>{upstream.SECRET}</html>", "text/html"
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)

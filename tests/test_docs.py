@@ -49,3 +49,49 @@ def test_relative_links_point_at_files(path: Path) -> None:
         if "://" in target or target.startswith("mailto:"):
             continue
         assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
+
+
+def readme_test_command() -> str:
+    """The README's one console line that runs the tests."""
+    consoles = re.findall(r"^```console\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    lines = [line for block in consoles for line in block.splitlines() if "pytest" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ci_runs_the_readme_test_command_verbatim_before_any_extra() -> None:
+    """.ci/run runs the README's test command verbatim in a fresh virtualenv before it
+    installs anything the README doesn't (torch, transformers), then lints, runs the
+    upstream suites, and only then installs torch for the tests that need it."""
+    script = (ROOT / ".ci" / "run").read_text()
+    code = [line.strip() for line in script.splitlines() if not line.strip().startswith("#")]
+    command = readme_test_command()
+    assert command in code
+
+    def first(fragment: str) -> int:
+        found = [i for i, line in enumerate(code) if fragment in line]
+        assert found, fragment
+        return found[0]
+
+    steps = [
+        "apt_install redis-server",
+        "-m venv",
+        command,
+        "python -m ruff check",
+        "python -m ruff format --check",
+        "python -m mypy --strict llmbridge",
+        "bash .ci/flask_upstream.sh",
+        "bash .ci/quart_upstream.sh",
+        "bash .ci/adapter_upstream.sh",
+        "pip install -q torch==2.13.0",
+        'pip install -q "transformers>=4.40"',
+        "tests/test_transformers_backend.py",
+        '"$status" = 5',
+    ]
+    positions = [first(step) for step in steps]
+    assert positions == sorted(positions), list(zip(steps, positions, strict=True))
+    # Between the new virtualenv and the README's command, nothing else is installed.
+    between = code[first("-m venv") : first(command)]
+    assert not [line for line in between if "pip install" in line]
+    result = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], capture_output=True)
+    assert result.returncode == 0, result.stderr

@@ -100,3 +100,88 @@ def test_reference_lists_every_public_name() -> None:
         assert f"## `{module.__name__}`" in reference
         for name in module.__all__:
             assert f"| `{name}` |" in reference, f"{module.__name__}.{name}"
+
+
+# A meta-path finder that makes the optional heavy dependencies unimportable, so the
+# check means the same on a machine where CI has installed torch (.ci/run's second step).
+_WITHOUT_OPTIONAL = """
+import importlib.abc, sys
+
+BLOCKED = {"torch", "transformers", "httpx", "exllamav2", "llama_cpp"}
+
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def run_without_optional(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter where torch, transformers, httpx, exllamav2
+    and llama_cpp cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OPTIONAL + code],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+
+
+def test_backends_names_import_without_optional_dependencies() -> None:
+    """Without torch (or httpx, exllamav2, llama_cpp) ``from llmbridge.backends import *``,
+    ``hasattr`` and ``inspect.getmembers`` see every adapter name, and nothing heavy loads."""
+    code = """
+import inspect
+import llmbridge.backends as backends
+from llmbridge.backends import *
+
+missing = [n for n in backends.__all__ if not hasattr(backends, n)]
+assert not missing, missing
+members = dict(inspect.getmembers(backends))
+assert set(backends.__all__) <= set(members), set(backends.__all__) - set(members)
+assert TransformersGenerator.__doc__ and OpenAIBackend.__doc__
+heavy = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
+assert not heavy, heavy
+print("ok")
+"""
+    result = run_without_optional(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("construct", "hint"),
+    [
+        ("TransformersGenerator(object(), object())", 'pip install torch "llmbridge[hf]"'),
+        ("transformers_backend(object(), object())", 'pip install torch "llmbridge[hf]"'),
+        ('OpenAIBackend("http://127.0.0.1:1/v1")', 'pip install "llmbridge[http]"'),
+        (
+            'exllamav2_job_factory(object())(Request("r1", "hi", {}))',
+            "pip install exllamav2",
+        ),
+    ],
+)
+def test_using_an_adapter_without_its_dependency_names_the_install_command(
+    construct: str, hint: str
+) -> None:
+    """Building an adapter whose dependency is missing raises ImportError with the
+    install command, not a NameError or AttributeError from deep inside."""
+    code = f"""
+from llmbridge import Request
+from llmbridge.backends import *
+
+try:
+    {construct}
+except ImportError as exc:
+    print(exc)
+else:
+    raise SystemExit("no ImportError")
+"""
+    result = run_without_optional(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hint in result.stdout

@@ -117,8 +117,8 @@ def exllamav2_job_factory(
                 from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError(
-                    "the ExLlamaV2 backend needs exllamav2: see "
-                    "https://github.com/turboderp/exllamav2 for the build for your GPU"
+                    "the ExLlamaV2 backend needs exllamav2: pip install exllamav2 (the "
+                    "build for your GPU: see https://github.com/turboderp/exllamav2)"
                 ) from exc
             job_class = job_class or ExLlamaV2DynamicJob
             settings_class = settings_class or ExLlamaV2Sampler.Settings

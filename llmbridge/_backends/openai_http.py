@@ -12,20 +12,34 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-try:
-    import httpx
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'llmbridge.backends.OpenAIBackend needs httpx: pip install "llmbridge[http]"'
-    ) from exc
-
 from .._core.channel import Request
 from .._core.drivers import _positive, serve_async
 from .._core.jobs import Job, JobQueue
 from .._exceptions import BackendError, Timeout, UpstreamError
 from .._sansio.sse import SSEDecoder
 
+try:
+    import httpx
+except ImportError:  # pragma: no cover - depends on the environment
+    # The name stays importable without the http extra (``from llmbridge.backends
+    # import *``); building an OpenAIBackend raises instead (_require_httpx).
+    pass
+
 __all__ = ["OpenAIBackend"]
+
+
+def _require_httpx() -> None:
+    """Raise an ``ImportError`` naming the extra when httpx is missing.
+
+    Checked when an :class:`OpenAIBackend` is built, not at import, so that the name
+    imports without httpx (``from llmbridge.backends import *`` in an app without the
+    ``http`` extra).
+    """
+    if "httpx" not in globals():
+        raise ImportError(
+            'llmbridge.backends.OpenAIBackend needs httpx: pip install "llmbridge[http]"'
+        )
+
 
 # Engine parameters -> OpenAI request fields. Anything else in the params is not sent.
 _FIELDS = {
@@ -82,6 +96,7 @@ class OpenAIBackend:
         headers: Mapping[str, str] | None = None,
         max_concurrency: int = 256,
     ) -> None:
+        _require_httpx()
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")

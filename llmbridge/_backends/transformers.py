@@ -14,23 +14,59 @@ computed from the attention mask, so padding never changes a sequence's numbers.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
-
-try:
-    import torch
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "the transformers backend needs torch and transformers: pip install torch "
-        '"llmbridge[hf]" (pick the torch build for your hardware first)'
-    ) from exc
+from typing import TYPE_CHECKING, Any
 
 from .._core.drivers import StepBackend
 from .._core.guard import EntryGuard
 from .._core.stream import Request
 from .._exceptions import BadRequest
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["TransformersGenerator", "TransformersJob", "transformers_backend"]
+
+_INSTALL_HINT = (
+    "the transformers backend needs torch and transformers: pip install torch "
+    '"llmbridge[hf]" (pick the torch build for your hardware first)'
+)
+
+
+def _require_torch() -> None:
+    """Import torch into this module's namespace, or raise an ``ImportError`` that says
+    how to install it.
+
+    Deferred to the first :class:`TransformersGenerator` rather than done at import, so
+    that the adapter's names stay importable without torch: ``from llmbridge.backends
+    import *``, ``hasattr`` and ``inspect.getmembers`` on ``llmbridge.backends`` must work
+    in an app that never builds one.
+    """
+    if "torch" in globals():
+        return
+    try:
+        module = importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    globals()["torch"] = module
+
+
+def _cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes the KV cache by: transformers 5 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache a forward pass returned, under either version's name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @dataclass(eq=False)
@@ -72,6 +108,9 @@ class TransformersGenerator:
     ``max_new_tokens``), ``temperature`` (0 or absent: greedy), ``top_p``, ``seed`` and
     ``stop`` (a string or a list of strings; the text ends before the first one).
 
+    Raises ``ImportError`` (naming the install command) when torch is missing: the name
+    itself imports without it, torch loads when the first generator is built.
+
     Not thread-safe, on purpose: drive it from one thread (a
     :class:`~llmbridge.backends.StepBackend` in an :class:`~llmbridge.Engine`). A second
     thread entering raises :class:`~llmbridge.ConcurrentEntryError` instead of corrupting
@@ -86,6 +125,7 @@ class TransformersGenerator:
         max_new_tokens: int = 64,
         device: Any = None,
     ) -> None:
+        _require_torch()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -97,6 +137,7 @@ class TransformersGenerator:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or (
             getattr(config, "n_positions", None)
         )
+        self._cache_arg = _cache_argument(model)
         self._jobs: dict[str, TransformersJob] = {}
         self._rows: list[TransformersJob] = []  # the cache's batch rows, in order
         self._cache: Any = None
@@ -241,7 +282,7 @@ class TransformersGenerator:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         self.prefills += 1
         self._rows = rows
-        self._cache = out.past_key_values
+        self._cache = _cache_of(out)
         self._mask = mask
         self._next_pos = positions[:, -1] + 1
         logits: torch.Tensor = out.logits[:, -1, :]
@@ -257,10 +298,10 @@ class TransformersGenerator:
             input_ids=last,
             attention_mask=mask,
             position_ids=self._next_pos[:, None],
-            past_key_values=self._cache,
             use_cache=True,
+            **{self._cache_arg: self._cache},
         )
-        self._cache = out.past_key_values
+        self._cache = _cache_of(out)
         self._mask = mask
         self._next_pos = self._next_pos + 1
         logits: torch.Tensor = out.logits[:, -1, :]
