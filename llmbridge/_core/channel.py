@@ -125,7 +125,8 @@ class Channel:
     @property
     def full(self) -> bool:
         """True while ``max_unread`` characters or more wait for the consumer."""
-        return self.max_unread is not None and self._unread >= self.max_unread
+        bound = self.max_unread
+        return bound is not None and self._unread >= bound
 
     def _full_locked(self) -> bool:
         return self.max_unread is not None and self._unread >= self.max_unread
@@ -219,6 +220,7 @@ class Channel:
             self._t_end = time.monotonic()
             self._on_cancel = None
             self._wake_locked(wakeups)
+            self._wake_producer_locked()
             on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end()
@@ -235,6 +237,7 @@ class Channel:
             self._t_end = time.monotonic()
             self._on_cancel = None
             self._wake_locked(wakeups)
+            self._wake_producer_locked()
             on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end()
@@ -254,8 +257,6 @@ class Channel:
                     pass
             else:
                 wakeups.add(*waiter)
-        if self._state != _RUNNING:
-            self._wake_producer_locked()
 
     def _wake_producer_locked(self) -> None:
         """Tell a producer waiting for room that there is some (or the channel ended)."""
@@ -291,6 +292,7 @@ class Channel:
             self._parts = []  # nobody will read it: release it now
             self._unread = 0
             self._wake_locked(None)
+            self._wake_producer_locked()
             on_end, self._on_end = self._on_end, None
         if on_cancel is not None:
             on_cancel()

@@ -235,8 +235,11 @@ class StepBackend:
                 completion_tokens=_int_or_none(result.get("new_tokens")),
             )
             self._forget(job, by_handle)
-        elif job.full:
-            self._hold_back(job, jobs, by_handle)
+        else:
+            channel = job.channel  # Channel.full, inlined: this runs once per token
+            bound = channel.max_unread
+            if bound is not None and channel._unread >= bound:
+                self._hold_back(job, jobs, by_handle)
 
     def _forget(self, job: Job, by_handle: dict[int, Job]) -> None:
         self._active.pop(job.id, None)

@@ -101,6 +101,7 @@ class Job:
     __slots__ = (
         "_emitted",
         "_ended",
+        "_plain",
         "_queue",
         "channel",
         "dropped",
@@ -122,6 +123,9 @@ class Job:
         self.dropped = False
         self._ended = False
         self._emitted = 0
+        # No sink and no output cap: once the job ends its channel has ended too, so
+        # emit() needs no checks of its own.
+        self._plain = sink is None and queue.max_output is None
 
     def __repr__(self) -> str:
         return f"<Job {self.request.id!r} {'ended' if self.ended else 'live'}>"
@@ -155,17 +159,23 @@ class Job:
         Past the engine's ``max_output`` characters the text is cut there and the job
         finishes with ``"length"`` (so this returns False).
         """
+        if self._plain:  # the hot path: the channel's own state says it all
+            return self.channel.emit(text, tokens, self._queue._wakeups_here())
         if self._ended:
-            return False
+            return False  # an attempt that ended must not write into a retried channel
         limit = self._queue.max_output
-        if limit is not None and text:
-            room = limit - self._emitted
-            if len(text) >= room:
-                self.channel.emit(text[:room], tokens, self._queue._wakeups_here())
-                self._emitted = limit
-                self.finish("length")
-                return False
-            self._emitted += len(text)
+        if limit is None or not text:
+            return self.channel.emit(text, tokens, self._queue._wakeups_here())
+        return self._emit_capped(text, tokens, limit)
+
+    def _emit_capped(self, text: str, tokens: int, limit: int) -> bool:
+        room = limit - self._emitted
+        if len(text) >= room:
+            self.channel.emit(text[:room], tokens, self._queue._wakeups_here())
+            self._emitted = limit
+            self.finish("length")
+            return False
+        self._emitted += len(text)
         return self.channel.emit(text, tokens, self._queue._wakeups_here())
 
     def emit_or_wait(self, text: str, tokens: int = 1) -> bool:
