@@ -263,3 +263,27 @@ def test_slow_http_readers_keep_a_werkzeug_servers_memory_bounded(tmp_path: Path
     assert read > 0
     grown = during - before
     assert grown < 25 * 2**20, f"RSS grew {grown / 2**20:.1f} MB"
+
+
+def test_a_paused_job_is_cancelled_like_any_other() -> None:
+    """Closing a stream whose job is paused frees its text, its slot and its id."""
+    gen = SimulatedGenerator(step_time=0.0005, tokens_per_step=4)
+    with step_engine(gen, max_unread=100) as engine:
+        stream = engine.submit("stalled", max_new_tokens=1_000, request_id="p-1")
+        assert wait_until(lambda: gen.paused == 1)
+        stream.close()
+        assert wait_until(lambda: "p-1" in gen.cancelled and engine.in_flight == 0)
+        assert gen.paused == 0
+        assert stream.channel._unread == 0
+        again = engine.submit("again", request_id="p-1", max_new_tokens=3)
+        assert again.id == "p-1"
+        assert again.result(timeout=10).text == gen.expected_text("again", 3)
+    assert (engine.stats.cancelled, engine.stats.completed) == (1, 1)
+
+
+@pytest.mark.parametrize("option", ["max_unread", "max_output"])
+@pytest.mark.parametrize("value", [0, -1, True, 1.5])
+def test_bounds_must_be_positive_ints_or_none(option: str, value: object) -> None:
+    """A bad max_unread or max_output fails at construction."""
+    with pytest.raises(ValueError, match=option):
+        Engine(str.upper, **{option: value})  # type: ignore[arg-type]
