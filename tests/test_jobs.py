@@ -341,3 +341,28 @@ def test_step_backend_still_exposes_the_job_contract() -> None:
     gen = SimulatedGenerator()
     backend = StepBackend(gen, gen.make_job, max_batch_size=2)
     assert isinstance(backend, Backend)
+
+
+def test_a_backend_crash_is_logged_once_with_the_requests_it_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """serve() itself dying: one log record naming every request it failed."""
+
+    class Crashing:
+        def serve(self, jobs: JobQueue) -> None:
+            while not jobs.take()[0]:
+                jobs.wait()
+            raise RuntimeError("driver bug with a secret")
+
+    with caplog.at_level(logging.ERROR, logger="llmbridge"):
+        engine = Engine(Crashing())
+        try:
+            stream = engine.submit("x", request_id="crash-1")
+            with pytest.raises(BackendError) as info:
+                stream.result(timeout=10)
+        finally:
+            engine.close()
+    records = [r for r in caplog.records if r.exc_info and "driver bug" in str(r.exc_info[1])]
+    assert len(records) == 1
+    assert "crash-1" in records[0].getMessage()
+    assert "secret" not in info.value.public_message

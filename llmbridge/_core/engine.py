@@ -332,7 +332,6 @@ class Engine(Closing):
         try:
             self.backend.serve(jobs)
         except BaseException as exc:  # the backend's loop itself died
-            logger.exception("%s: backend %r crashed", self.name, self.backend)
             with self._lock:
                 self._crashed = exc
                 if self._state == _RUNNING:
@@ -346,9 +345,18 @@ class Engine(Closing):
             self._fail_pending(jobs, exc)
 
     def _fail_pending(self, jobs: JobQueue, exc: BaseException) -> None:
+        jobs.take()
+        ids = ", ".join(sorted(job.id for job in jobs._live)) or "none"
+        # Logged once, here, with every request it fails; clients get public_message.
+        logger.error(
+            "%s: backend %r crashed; failing requests: %s",
+            self.name,
+            self.backend,
+            ids,
+            exc_info=exc,
+        )
         error = BackendError(f"the engine's backend crashed: {exc!r}")
         error.__cause__ = exc
-        jobs.take()
         jobs.expire(error)
         jobs.flush()
 
