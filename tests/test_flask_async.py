@@ -18,7 +18,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from flask import Flask, g, request
 
-from llmbridge._runtime.loop import background_loop, spawn
+from llmbridge._runtime.loop import BackgroundLoop, background_loop, spawn
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
@@ -76,6 +76,11 @@ def upstream() -> Iterator[Upstream]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+def background_thread_ident() -> int | None:
+    thread = BackgroundLoop.current().thread
+    return None if thread is None else thread.ident
 
 
 def make_app(**options: Any) -> tuple[Flask, Any]:
@@ -209,13 +214,28 @@ def test_thread_sensitive_sync_to_async_runs_on_the_request_thread() -> None:
     request's own thread, as with Flask's default."""
     app, engine = make_app()
 
+    seen: list[tuple[int, int]] = []
+
     @app.get("/")
     async def view() -> dict[str, bool]:
         ident = await sync_to_async(threading.get_ident)()
-        return {"same": ident == request_thread}
+        seen.append((ident, threading.get_ident()))
+        return {"ok": True}
 
-    request_thread = threading.get_ident()
-    assert app.test_client().get("/").json == {"same": True}
+    replies: list[Any] = []
+
+    def request_thread() -> None:
+        replies.append(app.test_client().get("/").json)
+
+    # A thread of its own: asgiref leaves its "main loop" mark on any thread that ran
+    # thread-sensitive work, and later tests use Flask's default on this one.
+    thread = threading.Thread(target=request_thread)
+    thread.start()
+    thread.join(20)
+    assert replies == [{"ok": True}]
+    [(ident, loop_thread)] = seen
+    assert ident == thread.ident
+    assert loop_thread == background_thread_ident()
     engine.close()
 
 
@@ -265,17 +285,18 @@ def test_async_views_option_off_keeps_flasks_default() -> None:
     """LLMBRIDGE_ASYNC_VIEWS=False leaves Flask's own async_to_sync in place."""
     app, engine = make_app(async_views=False)
     assert "async_to_sync" not in vars(app)
-    loops: set[int] = set()
+    # Keep the loops themselves: a closed loop's id() may be reused by the next one.
+    loops: list[asyncio.AbstractEventLoop] = []
 
     @app.get("/")
     async def view() -> str:
-        loops.add(id(asyncio.get_running_loop()))
+        loops.append(asyncio.get_running_loop())
         return "ok"
 
     client = app.test_client()
     client.get("/")
     client.get("/")
-    assert len(loops) == 2  # asgiref: a new loop per call
+    assert len({id(loop) for loop in loops}) == 2  # asgiref: a new loop per call
     engine.close()
 
 
@@ -361,3 +382,46 @@ def test_thousand_requests_reuse_upstream_connections(upstream: Upstream) -> Non
     assert errors == []
     assert upstream.requests == 1000
     assert 1 <= len(upstream.ports) <= 20
+
+
+@pytest.mark.timeout(30)
+def test_async_views_write_nothing_into_asgiref_internals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Async views and hooks run on the background loop through asgiref's public API:
+    nothing is written into asgiref's private SyncToAsync.threadlocal."""
+    from asgiref import sync
+
+    writes: list[str] = []
+
+    class Recording(threading.local):
+        def __setattr__(self, name: str, value: Any) -> None:
+            writes.append(name)
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(sync.SyncToAsync, "threadlocal", Recording())
+    app, engine = make_app()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    @app.before_request
+    async def before() -> None:
+        loops.append(asyncio.get_running_loop())
+
+    @app.get("/")
+    async def view() -> dict[str, int]:
+        loops.append(asyncio.get_running_loop())
+        return {"ok": 1}
+
+    replies: list[Any] = []
+
+    def requests() -> None:
+        client = app.test_client()
+        replies.extend(client.get("/").json for _ in range(3))
+
+    thread = threading.Thread(target=requests)
+    thread.start()
+    thread.join(20)
+    assert replies == [{"ok": 1}] * 3
+    assert {id(loop) for loop in loops} == {id(background_loop())}
+    assert writes == []
+    engine.close()

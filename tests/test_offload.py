@@ -1,4 +1,5 @@
-"""Bounded offload to worker threads and processes (llmbridge/_offload.py)."""
+"""Bounded offload to worker threads and processes (llmbridge/_runtime/offload.py,
+llmbridge/_runtime/processes.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ctypes
 import os
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -14,7 +16,15 @@ import pytest
 
 from llmbridge import Timeout
 from llmbridge._runtime.loop import spawn
-from llmbridge._runtime.offload import DEFAULT, Offloader, run_in_process, run_in_thread
+from llmbridge._runtime.offload import (
+    DEFAULT,
+    Offloader,
+    OffloadError,
+    RemoteError,
+    run_in_process,
+    run_in_thread,
+)
+from llmbridge._runtime.processes import RemoteTraceback
 
 from conftest import wait_until
 
@@ -37,6 +47,13 @@ def hold_gil(seconds: float) -> float:
     libc = ctypes.PyDLL(None)
     libc.usleep(int(seconds * 1_000_000))
     return seconds
+
+
+def hold_gil_in(report: str, seconds: float) -> float:
+    """Write this worker's pid to ``report``, then hold the GIL for ``seconds``."""
+    with open(report, "w") as file:
+        file.write(str(os.getpid()))
+    return hold_gil(seconds)
 
 
 @offloader.process(timeout=30)
@@ -154,14 +171,17 @@ async def test_run_in_process_gil_holder_does_not_block_the_loop() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.timeout(60)
-async def test_run_in_process_timeout_kills_the_worker() -> None:
+async def test_run_in_process_timeout_kills_the_worker(tmp_path: Path) -> None:
     """A process call that outlives its timeout raises Timeout and its worker process is
     killed, freeing the slot."""
     limiter = anyio.CapacityLimiter(1)
-    pid, _, _ = await run_in_process(whoami, "warm", limiter=limiter)
-    with pytest.raises(Timeout, match=r"hold_gil did not finish within 0\.5 s"):
-        await run_in_process(hold_gil, 30.0, timeout=0.5, limiter=limiter)
+    await run_in_process(whoami, "warm", limiter=limiter)
+    # The pool has several workers: the call itself says which one ran it.
+    report = tmp_path / "pid"
+    with pytest.raises(Timeout, match=r"hold_gil_in did not finish within 0\.5 s"):
+        await run_in_process(hold_gil_in, str(report), 30.0, timeout=0.5, limiter=limiter)
     assert limiter.borrowed_tokens == 0
+    pid = int(report.read_text())
 
     def gone() -> bool:
         try:
@@ -270,14 +290,19 @@ def test_offloader_rejects_bad_configuration() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_background_loop_calls_share_long_lived_workers() -> None:
-    """On the background loop, each call is a short task: workers must outlive it. The
-    same worker process serves sequential calls, and a call ending never kills the
-    worker of another call still running."""
+def test_workers_outlive_calls() -> None:
+    """Workers outlive the calls they serve: sequential calls are served by the pool's
+    (at most max_processes) long-lived workers, still alive afterwards, and a call
+    ending never kills the worker of another call still running."""
     pids = {offloader.call_in_process(whoami, "seq")[0] for _ in range(5)}
-    assert len(pids) == 1
+    # pebble keeps max_processes workers warm and any idle one takes the next call.
+    assert 1 <= len(pids) <= offloader.max_processes
+    for pid in pids:
+        os.kill(pid, 0)  # still running
     threads = {offloader.call_in_thread(threading.get_ident) for _ in range(5)}
-    assert len(threads) == 1
+    # concurrent.futures may start another thread while an idle one is about to
+    # report idle, never more than max_threads.
+    assert 1 <= len(threads) <= offloader.max_threads
 
     long_call = spawn(offloader.arun_in_process(hold_gil, 0.5))
     assert spawn(offloader.arun_in_process(whoami, "short")).result(30)[2] == "short"
@@ -289,3 +314,135 @@ async def test_blocking_calls_are_refused_on_an_event_loop() -> None:
     """call_in_thread on a running loop would stall it: it raises and names the twin."""
     with pytest.raises(RuntimeError, match="await arun_in_thread"):
         offloader.call_in_thread(whoami, "x")
+
+
+class ApiError(Exception):
+    """Like many SDKs' errors: __init__ wants more than args holds."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def raise_api_error() -> None:
+    raise ApiError("quota exhausted", 429)
+
+
+def raise_local_error() -> None:
+    class LocalError(Exception):
+        pass
+
+    raise LocalError("secret text")
+
+
+def write_to_fds() -> str:
+    os.write(1, b"offloaded write to fd 1\n")
+    os.write(2, b"offloaded write to fd 2\n")
+    return "ok"
+
+
+def exit_abruptly() -> None:
+    os._exit(7)
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_process_errors_keep_their_type_or_say_what_they_were() -> None:
+    """An exception whose __init__ can't be re-run from args comes back as itself, with
+    its attributes and the remote traceback as __cause__; one whose class can't cross
+    becomes RemoteError naming the type, message and traceback (500, not public)."""
+    with pytest.raises(ApiError) as info:
+        await run_in_process(raise_api_error)
+    assert type(info.value) is ApiError
+    assert (str(info.value), info.value.status_code) == ("quota exhausted", 429)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "in raise_api_error" in str(info.value.__cause__)
+
+    with pytest.raises(RemoteError) as remote:
+        await run_in_process(raise_local_error)
+    error = remote.value
+    assert error.type_name == "test_offload.raise_local_error.<locals>.LocalError"
+    assert error.remote_message == "secret text"
+    assert "in raise_local_error" in error.remote_traceback
+    assert isinstance(error, OffloadError)
+    assert (error.status, error.public) == (500, False)
+    assert "secret" not in error.public_message
+
+
+@pytest.mark.timeout(60)
+def test_process_workers_may_write_to_fds_1_and_2() -> None:
+    """Output written straight to fds 1 and 2 doesn't disturb the worker's replies."""
+    for _ in range(3):
+        assert offloader.call_in_process(write_to_fds) == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_process_failures_are_offload_errors_and_the_pool_recovers() -> None:
+    """Arguments that can't be pickled and a worker that dies raise OffloadError; the
+    pool then serves the next call."""
+    with pytest.raises(OffloadError, match="can't be pickled"):
+        offloader.call_in_process(whoami, threading.Lock())  # type: ignore[arg-type]
+    with pytest.raises(OffloadError, match=r"died \(exit code 7\)"):
+        offloader.call_in_process(exit_abruptly)
+    assert offloader.call_in_process(whoami, "after")[2] == "after"
+
+
+@pytest.mark.timeout(30)
+def test_thread_timeout_keeps_the_slot_and_queued_calls_never_run() -> None:
+    """With one thread: a timed-out call keeps the slot while it runs on, so a second
+    call times out waiting (and never runs), from a thread or a coroutine alike; once
+    the first returns, calls run again."""
+    single = Offloader(max_threads=1, timeout=0.2)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def stuck() -> None:
+        release.wait(20)
+
+    with pytest.raises(Timeout, match=r"stuck did not finish within 0\.2 s"):
+        single.call_in_thread(stuck)
+    with pytest.raises(Timeout):
+        single.call_in_thread(ran.append, "queued")
+
+    async def from_a_loop() -> None:
+        with pytest.raises(Timeout):
+            await single.arun_in_thread(ran.append, "queued on a loop")
+
+    anyio.run(from_a_loop)
+    release.set()
+    assert single.call_in_thread(whoami, "free", timeout=10)[2] == "free"
+    assert ran == []
+    single.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.timeout(90)
+def test_forked_child_gets_working_pools() -> None:
+    """Pools started in the parent are forgotten in a forked child, which starts its
+    own (its workers are its children); the parent's pools keep working after."""
+    parent_worker = offloader.call_in_process(whoami, "parent")[0]
+    offloader.call_in_thread(whoami, "parent")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 3
+        try:
+            worker, _, tag = offloader.call_in_process(whoami, "child")
+            _, ident, _ = offloader.call_in_thread(whoami, "child")
+            with open(f"/proc/{worker}/stat") as stat:
+                parent = int(stat.read().rsplit(") ", 1)[1].split()[1])
+            ok = (tag, parent) == ("child", os.getpid()) and worker != parent_worker
+            code = 0 if ok and ident != threading.get_ident() else 1
+            offloader.close()
+        except BaseException:
+            code = 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reported = pipe.read(1)
+    os.waitpid(pid, 0)
+    assert reported == b"\x00"
+    assert offloader.call_in_process(whoami, "parent again")[2] == "parent again"

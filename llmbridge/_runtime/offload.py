@@ -1,50 +1,61 @@
 """Bounded offload of blocking calls to worker threads and worker processes.
 
-The async core (:func:`run_in_thread`, :func:`run_in_process`) is shared by every
-integration: Quart awaits it on its own loop, Flask reaches it through an
-:class:`Offloader`, whose blocking methods run it on the process's background loop
-(:mod:`llmbridge._portal`).
+Two layers:
 
-Both build on anyio's worker threads and worker processes and bound them with
-:class:`anyio.CapacityLimiter`. A ``timeout`` becomes :class:`~llmbridge.Timeout` (504).
-What happens to the call that timed out differs, and is what keeps abandoned calls from
-piling up:
+* :func:`run_in_thread` (anyio worker threads under a :class:`anyio.CapacityLimiter`)
+  and :func:`run_in_process` (:mod:`llmbridge._runtime.processes`) are awaitables for
+  code already on an event loop (the engine's drivers, Quart);
+* an :class:`Offloader` owns one bounded thread pool and one bounded process pool and
+  serves both kinds of caller from them: a Flask request thread calls
+  :meth:`~Offloader.call_in_thread` and waits on the pool directly (no event loop in
+  between), a coroutine awaits :meth:`~Offloader.arun_in_thread`.
 
-* **process**: the worker process is killed, its limiter slot freed at once;
-* **thread**: a thread can't be killed, so it runs on, *still holding its limiter
-  token*, until the function returns. A pool of ``N`` threads therefore never has more
-  than ``N`` calls running, abandoned or not; new calls wait for a token (and time out
-  waiting if the pool stays stuck).
+A ``timeout`` becomes :class:`~llmbridge.Timeout` (504). What happens to the call that
+timed out differs, and is what keeps abandoned calls from piling up:
+
+* **process**: the worker process is killed, and a new one takes its place;
+* **thread**: a thread can't be killed, so it runs on, *still holding its pool slot*,
+  until the function returns. A pool of ``N`` threads therefore never has more than
+  ``N`` calls running, abandoned or not; new calls wait for a slot (and time out
+  waiting if the pool stays stuck). A call that timed out before it started never runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import enum
 import functools
 import math
 import os
 import threading
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, ParamSpec, TypeVar
 
 import anyio
-import anyio.abc
-import anyio.to_process
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from .._exceptions import Timeout
-from . import loop as _portal
-from .loop import spawn
+from .processes import (
+    OffloadError,
+    ProcessPool,
+    RemoteError,
+    _call_original,
+    _check_timeout,
+    _name,
+    run_in_process,
+)
 
 __all__ = [
     "DEFAULT",
+    "OffloadError",
     "Offloaded",
     "Offloader",
     "ProcessOffloaded",
+    "RemoteError",
+    "TimeoutArg",
     "run_in_process",
     "run_in_thread",
 ]
@@ -75,25 +86,6 @@ def _unbounded_limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(math.inf)
         _unbounded.set(limiter)
         return limiter
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    # Name the user's function, not the wrappers this module puts around it.
-    while isinstance(fn, functools.partial):
-        inner = fn.func
-        if fn.args and (
-            inner is _call_original
-            or isinstance(getattr(inner, "__self__", None), contextvars.Context)
-        ):
-            fn = fn.args[0]
-        else:
-            fn = inner
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be > 0 or None, got {timeout!r}")
 
 
 class _Borrow:
@@ -136,80 +128,6 @@ class _Borrow:
             self.release_here()
 
 
-# -- a long-lived anyio host on the background loop -------------------------------------
-#
-# anyio ties its worker threads and worker processes to the "root task" of the calling
-# task tree: they are stopped (processes killed) when that task ends. On the background
-# loop every call is a short-lived task of its own, so without a host each call would
-# start a new thread or process, and the end of one call would kill the processes other
-# calls still use. Calls made there are therefore run as children of one task that
-# lives as long as the loop.
-
-_in_host: contextvars.ContextVar[bool] = contextvars.ContextVar("llmbridge_in_host", default=False)
-
-
-class _Host:
-    """A task group hosted by a task that never ends, on one event loop."""
-
-    def __init__(self) -> None:
-        self._group: anyio.abc.TaskGroup | None = None
-        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.get_running_loop().create_task(self._main())
-
-    async def _main(self) -> None:
-        async with anyio.create_task_group() as group:
-            self._group = group
-            self._ready.set_result(None)
-            await anyio.sleep_forever()
-
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        await asyncio.shield(self._ready)
-        assert self._group is not None
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        scope = anyio.CancelScope()
-
-        async def child() -> None:
-            _in_host.set(True)
-            with scope:
-                try:
-                    result = await fn(*args)
-                except BaseException as exc:  # handed to the caller, never to the group
-                    if not done.done():
-                        done.set_exception(exc)
-                    if isinstance(exc, anyio.get_cancelled_exc_class()):
-                        raise
-                else:
-                    if not done.done():
-                        done.set_result(result)
-            if not done.done():
-                done.cancel()
-
-        self._group.start_soon(child)
-        try:
-            return await done
-        except asyncio.CancelledError:
-            scope.cancel()
-            raise
-
-
-_hosts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Host] = weakref.WeakKeyDictionary()
-
-
-async def _hosted(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    loop = asyncio.get_running_loop()
-    if _in_host.get() or not _is_background_loop(loop):
-        return await fn(*args)
-    host = _hosts.get(loop)
-    if host is None:
-        host = _hosts[loop] = _Host()
-    return await host.run(fn, *args)
-
-
-def _is_background_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    portal = _portal._portal
-    return portal is not None and portal.loop is loop
-
-
 async def run_in_thread(
     fn: Callable[..., T],
     /,
@@ -228,9 +146,12 @@ async def run_in_thread(
     caller's :mod:`contextvars` context. ``fn``'s own exceptions propagate unchanged.
 
     Pass options named ``timeout`` or ``limiter`` to ``fn`` with :func:`functools.partial`.
+    anyio keeps worker threads for the lifetime of the calling task tree: a task that
+    lives long (a server's, an engine driver's) reuses them; for one-off tasks (such as
+    ``BackgroundLoop.spawn``) use an :class:`Offloader`, whose pool outlives any task.
     """
     _check_timeout(timeout)
-    return await _hosted(_run_in_thread, fn, args, kwargs, timeout, limiter)
+    return await _run_in_thread(fn, args, kwargs, timeout, limiter)
 
 
 async def _run_in_thread(
@@ -272,43 +193,6 @@ def _loop_caller() -> Callable[..., Any]:
     return asyncio.get_running_loop().call_soon_threadsafe
 
 
-async def run_in_process(
-    fn: Callable[..., T],
-    /,
-    *args: Any,
-    timeout: float | None = None,
-    limiter: anyio.CapacityLimiter | None = None,
-    **kwargs: Any,
-) -> T:
-    """Call ``fn(*args, **kwargs)`` in a worker process and wait for it without blocking.
-
-    ``fn``, its arguments and its result must pickle (a module-level function, or a
-    :class:`ProcessOffloaded`). A function that never releases the GIL blocks only its
-    worker process. At most ``limiter.total_tokens`` processes run at once (default:
-    anyio's default process limiter, one per CPU); idle workers are reused. ``timeout``
-    (seconds, including the wait for a worker) raises :class:`~llmbridge.Timeout` and
-    kills the worker that was running the call, as does cancelling the awaiting task, so
-    nothing keeps running for a caller that left. ``fn``'s own exceptions propagate.
-    """
-    _check_timeout(timeout)
-    return await _hosted(_run_in_process, fn, args, kwargs, timeout, limiter)
-
-
-async def _run_in_process(
-    fn: Callable[..., T],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    timeout: float | None,
-    limiter: anyio.CapacityLimiter | None,
-) -> T:
-    call: Callable[[], T] = functools.partial(fn, *args, **kwargs)
-    try:
-        with anyio.fail_after(timeout):
-            return await anyio.to_process.run_sync(call, cancellable=True, limiter=limiter)
-    except TimeoutError:
-        raise Timeout(f"{_name(fn)} did not finish within {timeout} s") from None
-
-
 class Offloaded(Generic[P, T]):
     """``fn`` wrapped to run in a worker thread of an :class:`Offloader` when called.
 
@@ -334,11 +218,6 @@ class Offloaded(Generic[P, T]):
         return await self._offloader.arun_in_thread(
             self.__wrapped__, *args, timeout=self._timeout, **kwargs
         )
-
-
-def _call_original(wrapper: ProcessOffloaded[..., Any], args: Any, kwargs: Any) -> Any:
-    # Runs in the worker process, on the wrapper that importing its module created there.
-    return wrapper.__wrapped__(*args, **kwargs)
 
 
 class ProcessOffloaded(Offloaded[P, T]):
@@ -379,14 +258,14 @@ class Offloader:
     """Bounded thread and process pools for blocking calls, usable from any thread.
 
     At most ``max_threads`` worker threads and ``max_processes`` worker processes
-    (default: one per CPU) run calls at once; ``timeout`` is the default per call
-    (``None``: wait as long as it takes).
+    (default: one per CPU) run calls at once, whoever calls; ``timeout`` is the default
+    per call (``None``: wait as long as it takes). Both pools start on first use.
 
     The blocking methods (:meth:`call_in_thread`, :meth:`call_in_process` and the
-    wrappers :meth:`thread` / :meth:`process` make) run the call through the process's
-    background loop and block the calling thread until it is done; on an event loop,
-    await :meth:`arun_in_thread` / :meth:`arun_in_process` instead. Thread-safe;
-    fork-safe (a forked child starts with fresh pools).
+    wrappers :meth:`thread` / :meth:`process` make) wait on the pool from the calling
+    thread; on an event loop, await :meth:`arun_in_thread` / :meth:`arun_in_process`
+    instead (same pools, same bounds). Thread-safe; fork-safe (a forked child starts
+    with fresh pools).
     """
 
     def __init__(
@@ -396,11 +275,10 @@ class Offloader:
         max_processes: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        self._limiters: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]
-        ] = weakref.WeakKeyDictionary()
-        self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._processes: ProcessPool | None = None
         self.configure(max_threads=max_threads, max_processes=max_processes, timeout=timeout)
 
     def configure(
@@ -410,8 +288,9 @@ class Offloader:
         max_processes: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Set the pool sizes and default timeout. Pools already used on a running loop
-        keep their size; new loops (and forked children) get the new one."""
+        """Set the pool sizes and default timeout. Pools already started keep their
+        size (a forked child starts new ones, with the new size); the timeout applies
+        to the next call."""
         if max_processes is None:
             max_processes = os.cpu_count() or 2
         for name, value in (("max_threads", max_threads), ("max_processes", max_processes)):
@@ -425,48 +304,43 @@ class Offloader:
     def __repr__(self) -> str:
         return f"<Offloader threads={self.max_threads} processes={self.max_processes}>"
 
-    def _limiters_here(self) -> tuple[anyio.CapacityLimiter, anyio.CapacityLimiter]:
-        # A limiter belongs to one event loop (and so to one process: after a fork the
-        # child starts over).
-        loop = asyncio.get_running_loop()
+    def _forked(self) -> None:
+        # Under self._lock. The parent's pool threads and workers aren't in this process.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._threads = None
+            self._processes = None
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._limiters = weakref.WeakKeyDictionary()
-            pair = self._limiters.get(loop)
-            if pair is None:
-                pair = (
-                    anyio.CapacityLimiter(self.max_threads),
-                    anyio.CapacityLimiter(self.max_processes),
+            self._forked()
+            if self._threads is None:
+                self._threads = concurrent.futures.ThreadPoolExecutor(
+                    self.max_threads, thread_name_prefix="llmbridge-offload"
                 )
-                self._limiters[loop] = pair
-        return pair
+            return self._threads
+
+    def _process_pool(self) -> ProcessPool:
+        with self._lock:
+            self._forked()
+            if self._processes is None:
+                self._processes = ProcessPool(self.max_processes)
+            return self._processes
 
     def _resolve(self, timeout: TimeoutArg) -> float | None:
-        return self.timeout if timeout is DEFAULT else timeout
+        resolved = self.timeout if timeout is DEFAULT else timeout
+        _check_timeout(resolved)
+        return resolved
 
-    # -- async: on the caller's running loop ------------------------------------------
+    def _submit_thread(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> concurrent.futures.Future[T]:
+        # The worker runs in a copy of the caller's context: Flask's request context,
+        # a request id in a contextvar.
+        context = contextvars.copy_context()
+        return self._thread_pool().submit(context.run, fn, *args, **kwargs)
 
-    async def arun_in_thread(
-        self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
-    ) -> T:
-        """:func:`run_in_thread` on this offloader's thread pool, with its default timeout."""
-        threads, _ = self._limiters_here()
-        return await run_in_thread(
-            fn, *args, timeout=self._resolve(timeout), limiter=threads, **kwargs
-        )
-
-    async def arun_in_process(
-        self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
-    ) -> T:
-        """:func:`run_in_process` on this offloader's process pool, with its default
-        timeout."""
-        _, processes = self._limiters_here()
-        return await run_in_process(
-            fn, *args, timeout=self._resolve(timeout), limiter=processes, **kwargs
-        )
-
-    # -- blocking: from a thread, through the background loop -------------------------
+    # -- blocking: from a thread, straight to the pool ---------------------------------
 
     def call_in_thread(
         self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
@@ -475,31 +349,62 @@ class Offloader:
 
         ``fn`` runs in a copy of the calling thread's :mod:`contextvars` context, so it
         sees Flask's request and app context. Raises what ``fn`` raises, or
-        :class:`~llmbridge.Timeout` (the thread runs on, holding its pool slot).
+        :class:`~llmbridge.Timeout` after ``timeout`` seconds, counting the wait for a
+        free thread (a call still queued then never runs; one already running runs on,
+        holding its pool slot). Raises ``RuntimeError`` on an event loop.
         """
         _refuse_on_loop("call_in_thread", "arun_in_thread")
-        context = contextvars.copy_context()
-        in_context = functools.partial(context.run, fn)
-
-        async def job() -> T:
-            return await self.arun_in_thread(in_context, *args, timeout=timeout, **kwargs)
-
-        return spawn(job()).result()
+        seconds = self._resolve(timeout)
+        future = self._submit_thread(fn, args, kwargs)
+        try:
+            return future.result(seconds)
+        except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result()  # finished just now: the caller gets it
+            raise Timeout(f"{_name(fn)} did not finish within {seconds} s") from None
+        finally:
+            future.cancel()  # only a call that hasn't started yet: it never will
 
     def call_in_process(
         self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
     ) -> T:
         """Run ``fn(*args, **kwargs)`` in a pool process; block until it is done.
 
-        Raises what ``fn`` raises, or :class:`~llmbridge.Timeout` (the worker process is
-        killed).
+        Raises what ``fn`` raises (or :class:`RemoteError` when its exception can't
+        cross back), :class:`~llmbridge.Timeout` (the worker process is killed), or
+        :class:`OffloadError` when the worker dies or the call can't be pickled. Raises
+        ``RuntimeError`` on an event loop.
         """
         _refuse_on_loop("call_in_process", "arun_in_process")
+        result: T = self._process_pool().call(fn, *args, timeout=self._resolve(timeout), **kwargs)
+        return result
 
-        async def job() -> T:
-            return await self.arun_in_process(fn, *args, timeout=timeout, **kwargs)
+    # -- async: on the caller's running loop, same pools -------------------------------
 
-        return spawn(job()).result()
+    async def arun_in_thread(
+        self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
+    ) -> T:
+        """The async twin of :meth:`call_in_thread`: awaits the pool thread on the running
+        asyncio loop. Cancelling the awaiting task abandons the call like a timeout."""
+        seconds = self._resolve(timeout)
+        future = self._submit_thread(fn, args, kwargs)
+        try:
+            with anyio.fail_after(seconds):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            raise Timeout(f"{_name(fn)} did not finish within {seconds} s") from None
+        finally:
+            future.cancel()
+
+    async def arun_in_process(
+        self, fn: Callable[..., T], /, *args: Any, timeout: TimeoutArg = DEFAULT, **kwargs: Any
+    ) -> T:
+        """The async twin of :meth:`call_in_process`: awaits the worker process on the
+        running asyncio loop; cancelling the awaiting task kills the worker."""
+        result: T = await self._process_pool().acall(
+            fn, *args, timeout=self._resolve(timeout), **kwargs
+        )
+        return result
 
     # -- decorators -------------------------------------------------------------------
 
@@ -525,3 +430,15 @@ class Offloader:
             return ProcessOffloaded(self, fn, timeout)
 
         return decorate
+
+    def close(self) -> None:
+        """Stop the worker processes and let idle pool threads exit. Running thread
+        calls finish on their own. Idempotent; the pools start again on next use."""
+        with self._lock:
+            self._forked()
+            threads, self._threads = self._threads, None
+            processes, self._processes = self._processes, None
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+        if processes is not None:
+            processes.close()

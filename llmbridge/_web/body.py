@@ -89,7 +89,8 @@ class StreamBody:
         )
 
     def _error(self, error: BaseException) -> bytes:
-        return encode_error(problem(error))
+        # The request id lets the client point at the log line that holds the details.
+        return encode_error(problem(error, self.stream.id))
 
     def _frame(self, text: str | None) -> bytes:
         """The bytes for one read: a chunk, or a heartbeat comment after silence."""
