@@ -21,6 +21,7 @@ from ._exceptions import (
     LLMBridgeError,
     Overloaded,
     RateLimited,
+    SlowConsumer,
     Timeout,
     UpstreamError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Overloaded",
     "RateLimited",
     "Request",
+    "SlowConsumer",
     "Stream",
     "Submitter",
     "Timeout",

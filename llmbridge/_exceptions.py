@@ -12,6 +12,7 @@ seconds::
     ├── Overloaded                 503  the queue is full: retry after ``retry_after``
     │   └── CircuitOpen            503  the backend is failing: the breaker sheds calls
     ├── RateLimited                429  the caller's key is over its limit
+    ├── SlowConsumer               503  the reader fell ``max_unread`` characters behind
     ├── Timeout                    504  a queue, first-token or total deadline passed
     └── BackendError               502  the backend failed this request
         ├── UpstreamError          502  an HTTP upstream answered with an error
@@ -36,6 +37,7 @@ __all__ = [
     "LLMBridgeError",
     "Overloaded",
     "RateLimited",
+    "SlowConsumer",
     "Timeout",
     "UpstreamError",
 ]
@@ -129,6 +131,15 @@ class RateLimited(LLMBridgeError):
 
     def __init__(self, message: str = "", *, retry_after: float | None = 1.0) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class SlowConsumer(LLMBridgeError):
+    """The consumer read so slowly that ``max_unread`` characters of its output waited,
+    and the backend could not pause this request: it was ended to bound the memory one
+    stream may hold. Raised at the reader's next read, after the text it had not read."""
+
+    status = 503
+    title = "Slow consumer"
 
 
 class Timeout(LLMBridgeError):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._core.drivers import AsyncBackend, CallableBackend, StepBackend, StepGenerator, serve_async
-from ._core.engine import Backend, Job, JobQueue
+from ._core.jobs import Backend, Job, JobQueue, JobSink
 
 if TYPE_CHECKING:
     from ._backends.exllama import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
@@ -39,6 +39,7 @@ __all__ = [
     "ExLlamaV2Adapter",
     "Job",
     "JobQueue",
+    "JobSink",
     "LlamaCppBackend",
     "OpenAIBackend",
     "StepBackend",

@@ -35,6 +35,7 @@ _ENGINE_COUNTERS = {
     "completed": "Requests that finished successfully.",
     "failed": "Requests that ended with an error.",
     "cancelled": "Requests cancelled by their consumer, a deadline or a shutdown.",
+    "rejected": "Submits refused at once because max_queued requests waited.",
     "steps": "Backend steps (step generators: iterate() calls).",
 }
 
@@ -42,7 +43,9 @@ _ENGINE_COUNTERS = {
 class LLMBridgeCollector(Collector):
     """Exposes an engine's counters and gauges, and a pipeline's if given, labelled ``name``.
 
-    Metrics: ``llmbridge_requests_<state>_total`` counters, ``llmbridge_steps_total``,
+    Metrics: ``llmbridge_requests_<state>_total`` counters (every submitted request ends
+    in exactly one of completed, failed, cancelled; ``rejected`` were never submitted),
+    ``llmbridge_steps_total``,
     ``llmbridge_queued`` (waiting for a backend slot), ``llmbridge_in_flight``, and for a
     pipeline ``llmbridge_pipeline_<counter>_total`` (cache hits, coalesced requests,
     rate-limited, ...). ``collect()`` only reads counters: thread-safe, never blocks.

@@ -13,7 +13,8 @@ Point the client your team already uses, the official ``openai`` SDK, at a model
 Both blueprints serve ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models`` and ``GET /v1/models/{id}``, streaming (``"stream": true``: SSE ending
 with ``data: [DONE]``, usage in a last chunk when ``stream_options.include_usage``) and
-not. Bad requests get a 400 with OpenAI's error shape ``{"error": {"message", "type",
+not. Bad requests get a 400 (404 for unknown URLs, 405, 413 past
+``Settings.max_body_bytes``) with OpenAI's error shape ``{"error": {"message", "type",
 "param", "code"}}``; llmbridge errors keep their status (429, 503, 502, 504).
 
 A chat request is rendered to a prompt by ``Settings.chat_template`` (default
@@ -42,23 +43,43 @@ def flask_blueprint(submitter: Submitter, **options: Any) -> flask.Blueprint:
     """A Flask blueprint with the OpenAI routes over ``submitter``, under ``/v1``.
 
     Options (keyword-only): ``settings`` (a :class:`Settings`: model names, chat
-    template, input limits), ``name``, ``url_prefix``, ``heartbeat`` (seconds of silence
-    before an SSE comment keeps proxies from closing a slow stream; ``None`` disables).
-    Views block their request thread, never the engine; streamed bodies cancel their
-    request when the server closes them (client gone). Raises ImportError without Flask.
-    """
-    from ._openai.flask_routes import flask_blueprint as build
+    template, input and body limits), ``name``, ``url_prefix``, ``heartbeat`` (seconds of
+    silence before an SSE comment keeps proxies from closing a slow stream; ``None``
+    disables), ``start_timeout`` (60 s to the first output, then 504; ``None``: none),
+    ``timeout`` (a whole non-streamed answer's deadline after its first output).
 
+    Views block their request thread, never the engine; under ``llmbridge.asgi`` a
+    streamed answer holds no thread (the adapter pumps it on its loop, and drains it on
+    SIGTERM). Streamed bodies cancel their request when the server closes them (client
+    gone). Every error, unknown URLs under the prefix included, is OpenAI-shaped JSON.
+    Raises ImportError without Flask.
+    """
+    try:
+        from ._openai.flask_routes import flask_blueprint as build
+    except ModuleNotFoundError as exc:
+        raise _needs("flask_blueprint", "Flask", "flask", exc) from exc
     return build(submitter, **options)
 
 
 def quart_blueprint(submitter: Submitter, **options: Any) -> quart.Blueprint:
     """A Quart blueprint with the OpenAI routes over ``submitter``, under ``/v1``.
 
-    Same options as :func:`flask_blueprint`. Views await the engine and never block the
-    event loop; a client that disconnects cancels its request. Raises ImportError without
-    Quart.
+    Same options as :func:`flask_blueprint`, and ``drain_timeout`` (10 s),
+    ``retry_after`` (5 s) and ``handle_signals`` (True): on SIGTERM/SIGINT new requests
+    get a 503 and open streams end, by ``drain_timeout``, with a final error event (an
+    app's :class:`~llmbridge.quart.QuartBridge` drains them with its own settings).
+    Views await the engine and never block the event loop; a client that disconnects
+    cancels its request. Raises ImportError without Quart.
     """
-    from ._openai.quart_routes import quart_blueprint as build
-
+    try:
+        from ._openai.quart_routes import quart_blueprint as build
+    except ModuleNotFoundError as exc:
+        raise _needs("quart_blueprint", "Quart", "quart", exc) from exc
     return build(submitter, **options)
+
+
+def _needs(function: str, framework: str, extra: str, exc: ModuleNotFoundError) -> ImportError:
+    return ImportError(
+        f"llmbridge.openai.{function} needs {framework} (no module {exc.name!r}): "
+        f'pip install "llmbridge[{extra}]"'
+    )

@@ -125,6 +125,7 @@ class SimulatedGenerator:
         self.vocabulary = tuple(vocabulary)
         self._sleep = sleep
         self._jobs: dict[str, SimulatedJob] = {}
+        self._paused: set[str] = set()
         self._guard = EntryGuard()
         self._fail_next: BaseException | None = None
         #: Number of completed ``iterate()`` calls.
@@ -135,6 +136,8 @@ class SimulatedGenerator:
         self.enqueued = 0
         #: Largest number of jobs in flight seen by one ``iterate()``.
         self.max_batch_seen = 0
+        #: Times a job was paused because its reader fell behind.
+        self.pauses = 0
         _generators.add(self)
 
     def __repr__(self) -> str:
@@ -194,8 +197,26 @@ class SimulatedGenerator:
     def cancel(self, job: SimulatedJob) -> None:
         """Drop ``job`` from the batch (a no-op if it already ended)."""
         with self._guard.enter("cancel"):
+            self._paused.discard(job.identifier)
             if self._jobs.pop(job.identifier, None) is not None:
                 self.cancelled.append(job.identifier)
+
+    def pause(self, job: SimulatedJob) -> None:
+        """Skip ``job`` in ``iterate()`` until :meth:`resume` (its reader fell behind)."""
+        with self._guard.enter("pause"):
+            if job.identifier in self._jobs:
+                self._paused.add(job.identifier)
+                self.pauses += 1
+
+    def resume(self, job: SimulatedJob) -> None:
+        """Step ``job`` again."""
+        with self._guard.enter("resume"):
+            self._paused.discard(job.identifier)
+
+    @property
+    def paused(self) -> int:
+        """Jobs paused right now."""
+        return len(self._paused)
 
     def iterate(self) -> list[dict[str, Any]]:
         """Advance every job by ``tokens_per_step`` tokens; return one result per job."""
@@ -203,6 +224,7 @@ class SimulatedGenerator:
             if self._fail_next is not None:
                 error, self._fail_next = self._fail_next, None
                 self._jobs.clear()
+                self._paused.clear()
                 raise error
             n = len(self._jobs)
             self.max_batch_seen = max(self.max_batch_seen, n)
@@ -210,7 +232,10 @@ class SimulatedGenerator:
                 self._sleep(self.step_time * n**self.batch_exponent)
             results: list[dict[str, Any]] = []
             vocab = self.vocabulary
+            paused = self._paused
             for job in list(self._jobs.values()):
+                if job.identifier in paused:
+                    continue
                 if job.error_after is not None and job.generated >= job.error_after:
                     del self._jobs[job.identifier]
                     results.append(

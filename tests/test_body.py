@@ -107,3 +107,72 @@ def test_bad_options_are_refused() -> None:
         StreamBody(stream, format="xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heartbeat"):
         StreamBody(stream, heartbeat=0)
+
+
+def test_a_custom_framer_shapes_every_byte_and_the_early_error() -> None:
+    """framer= replaces the built-in formats: head, chunks, end, and the whole error
+    response a server sends for a failure before the first byte."""
+    from llmbridge._sansio.framing import Reply
+
+    class Brackets:
+        media_type = "text/x-brackets"
+        heartbeats = False
+
+        def head(self) -> bytes:
+            return b"<"
+
+        def text(self, text: str) -> bytes:
+            return f"[{text}]".encode()
+
+        def heartbeat(self) -> bytes:
+            raise AssertionError("never sent: heartbeats is false")
+
+        def end(self, outcome: object) -> bytes:
+            return b">"
+
+        def error(self, error: BaseException) -> bytes:
+            return b"!"
+
+        def error_response(self, error: BaseException) -> Reply:
+            return Reply(418, b"teapot", [("Content-Type", "text/plain")])
+
+    ch = Channel(Request("r", "p", {}))
+    ch.emit("a")
+    ch.emit("b")
+    ch.finish()
+    body = StreamBody(Stream(ch), framer=Brackets(), heartbeat=0.01)
+    assert body.media_type == "text/x-brackets"
+    assert body.heartbeat is None
+    out = b"".join(body)
+    # Chunks may coalesce ("[ab]") or not ("[a][b]"): the framing is what matters.
+    assert out in (b"<[ab]>", b"<[a][b]>"), out
+    assert body.error_response(Overloaded("busy")).status == 418
+
+
+@pytest.mark.anyio
+async def test_a_failure_after_text_ends_with_the_framers_error_both_ways() -> None:
+    """The sync and the async loop end a failed stream with framer.error()'s bytes."""
+    from llmbridge._sansio.framing import SSEFramer
+
+    def failed() -> Stream:
+        ch = Channel(Request("r", "p", {}))
+        ch.emit("x")
+        ch.fail(Overloaded("busy"))
+        return Stream(ch)
+
+    sync = b"".join(StreamBody(failed(), framer=SSEFramer(), heartbeat=None))
+    async_ = b"".join([c async for c in StreamBody(failed(), framer=SSEFramer(), heartbeat=None)])
+    assert sync == async_
+    assert events_of(sync)[-1].event == "error"
+
+
+def test_built_in_error_responses_are_problem_json_with_retry_after() -> None:
+    """An early failure of an SSE or text body is answered as problem+json."""
+    stream = Stream(Channel(Request("r", "p", {})))
+    for format in ("sse", "text"):
+        body = StreamBody(stream, format=format)  # type: ignore[arg-type]
+        reply = body.error_response(Overloaded("busy", retry_after=2))
+        headers = dict(reply.headers)
+        assert reply.status == 503
+        assert headers["Content-Type"] == "application/problem+json"
+        assert headers["Retry-After"] == "2"

@@ -94,7 +94,7 @@ def test_client_disconnect_after_two_events_cancels_the_job(server: Server) -> N
     with httpx.Client(base_url=server.url, timeout=30) as client:
         params = {"prompt": "a very long story", "max_tokens": 4000}
         with client.stream("GET", "/v1/stream", params=params) as reply:
-            request_id = reply.headers["x-llmbridge-request-id"]
+            request_id = reply.headers["x-request-id"]
             decoder = SSEDecoder()
             seen = 0
             for chunk in reply.iter_bytes():

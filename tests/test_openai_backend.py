@@ -79,11 +79,13 @@ class TinyUpstream:
     async def respond(
         self, mode: str, tag: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if mode in ("500", "429"):
-            payload = json.dumps({"error": {"message": f"upstream says {mode}"}}).encode()
-            extra = b"Retry-After: 3\r\n" if mode == "429" else b""
+        if mode in ("500", "429") or mode.startswith("429="):
+            # 429=<value>: a 429 whose Retry-After is <value> (inf, 1e999, ...).
+            status, _, after = mode.partition("=")
+            payload = json.dumps({"error": {"message": f"upstream says {status}"}}).encode()
+            extra = f"Retry-After: {after or 3}\r\n".encode() if status == "429" else b""
             writer.write(
-                f"HTTP/1.1 {mode} Oops\r\nContent-Type: application/json\r\n".encode()
+                f"HTTP/1.1 {status} Oops\r\nContent-Type: application/json\r\n".encode()
                 + extra
                 + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
@@ -359,6 +361,33 @@ def test_chained_upstream_errors_reach_the_sdk_clearly(chain_to_tiny: Server) ->
         with pytest.raises(openai.APIError, match="upstream connection failed"):
             texts.extend(chunk.choices[0].text for chunk in stream)
         assert "".join(texts).startswith("one ")
+
+
+@pytest.mark.parametrize("after", ["inf", "1e999", "-inf", "nan", "1e308"])
+@pytest.mark.timeout(60)
+def test_an_upstream_retry_after_of_inf_is_clamped_end_to_end(
+    chain_to_tiny: Server, after: str
+) -> None:
+    """An upstream 429 with Retry-After inf / 1e999 / nan: through OpenAIBackend and the
+    Flask blueprint the client gets a JSON 502 with a finite Retry-After (or none), not
+    an OverflowError 500; streamed and not."""
+    with openai.OpenAI(
+        base_url=f"{chain_to_tiny.url}/v1", api_key="k", max_retries=0, timeout=30
+    ) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as info:
+                client.completions.create(
+                    model="sim", prompt=f"mode:429={after}:ra{after}{stream}", stream=stream
+                )
+            response = info.value.response
+            assert response.status_code == 502
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.json()["error"]["type"] == "server_error"
+            value = response.headers.get("retry-after")
+            if after in ("-inf", "nan"):
+                assert value in (None, "0"), value
+            else:
+                assert value == "86400", value
 
 
 @pytest.mark.timeout(60)

@@ -8,12 +8,16 @@ function of prompt, length and seed, so every answer is checked exactly.
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+from openai_servers import serve
 
+from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.openai import render_messages
 from llmbridge.testing import SimulatedGenerator
 
@@ -250,3 +254,192 @@ def test_malformed_bodies_and_methods(server: Server) -> None:
         wrong = http.get("/chat/completions")
         assert wrong.status_code == 405
         assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+# -- one stream path: threads, deadlines, drain, JSON errors (real servers) -----------
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(150)
+async def test_200_flask_v1_streams_under_to_asgi_hold_a_bounded_number_of_threads() -> None:
+    """200 concurrent /v1 streams on the Flask blueprint under uvicorn + to_asgi all run at
+    once (each has its first chunk while the others are still open) on at most a handful
+    of threads: the adapter pumps them on its loop instead of 8 worker threads."""
+    env = {"SIM_STEP_TIME": "0.02", "SIM_MAX_TOKENS": "512", "SIM_BATCH": "256"}
+    streams = 200
+    with serve("uvicorn", env) as server:
+        started = 0
+        all_started = asyncio.Event()
+        release = asyncio.Event()
+        limits = httpx.Limits(max_connections=streams + 10)
+
+        async def one(client: httpx.AsyncClient, i: int) -> None:
+            nonlocal started
+            body = {"model": "sim", "prompt": f"p{i}", "max_tokens": 500, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                # Keep the iterator referenced: a dropped one is finalized, and that
+                # closes the connection (the server would see the client leave).
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data:"):
+                        break
+                started += 1
+                if started == streams:
+                    all_started.set()
+                await release.wait()
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            tasks = [asyncio.ensure_future(one(client, i)) for i in range(streams)]
+            try:
+                await asyncio.wait_for(all_started.wait(), 60)
+                threads = _threads(server.proc.pid)
+            finally:
+                release.set()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    assert started == streams
+    # 8 adapter workers, the engine, the background loop, uvicorn's: not one per stream.
+    assert threads <= 20, threads
+
+
+@pytest.fixture(scope="module", params=["werkzeug", "uvicorn", "hypercorn"])
+def never_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """Each integration over a backend that never answers, with a 0.5 s start timeout."""
+    env = {"OPENAI_BACKEND": "never", "OPENAI_START_TIMEOUT": "0.5"}
+    with serve(request.param, env) as server:
+        yield server
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.timeout(60)
+def test_a_backend_that_never_answers_gets_an_openai_shaped_504(
+    never_server: Server, stream: bool
+) -> None:
+    """No output within start_timeout: 504 with OpenAI's error body, streamed or not, on
+    werkzeug, uvicorn + to_asgi and hypercorn (no thread or task waits forever)."""
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with httpx.Client(base_url=never_server.url, timeout=20) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 504, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert error["code"] == "timeout"
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn", "hypercorn+bridge"])
+@pytest.mark.timeout(90)
+def test_sigterm_mid_stream_ends_v1_streams_with_a_final_event_and_a_clean_end(
+    kind: str,
+) -> None:
+    """SIGTERM while /v1 streams run: each ends, within the drain timeout, with a final
+    error event and a properly terminated body; then the server exits. Flask under
+    uvicorn + to_asgi (the adapter's drain), Quart under hypercorn (the blueprint's own
+    drain, or a QuartBridge's when the app has one)."""
+    env = {"SIM_STEP_TIME": "0.05", "SIM_MAX_TOKENS": "512", "DRAIN_TIMEOUT": "1"}
+    if kind == "hypercorn+bridge":
+        kind, env["QUART_BRIDGE"] = "hypercorn", "1"
+    body = {"model": "sim", "prompt": "drain me", "max_tokens": 500, "stream": True}
+    with serve(kind, env) as server, httpx.Client(base_url=server.url, timeout=20) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            decoder = SSEDecoder()
+            events = []
+            lines = response.iter_bytes()
+            while len(events) < 3:
+                events += decoder.feed(next(lines))
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            for piece in lines:  # raises RemoteProtocolError if the body is cut
+                events += decoder.feed(piece)
+            ended = time.monotonic()
+        assert server.proc.wait(30) is not None
+    assert events[-1].data != "[DONE]", "the stream ran to its end: it was not drained"
+    last = events[-1].json()
+    assert last["error"]["code"] == "engine_closed", last
+    assert all("choices" in event.json() for event in events[:-1])
+    # Not the 25 s the generation would take: the drain ended it (loose bound, no speed
+    # assert: it only tells drained from not drained).
+    assert ended - signalled < 15
+
+
+@pytest.mark.parametrize("path", ["", "/", "/nope", "/chat", "/models/sim/extra/x", "/embeddings"])
+@pytest.mark.timeout(30)
+def test_unknown_v1_urls_are_openai_shaped_404s(server: Server, path: str) -> None:
+    """Any URL under /v1 that isn't a route: a JSON 404, not the framework's HTML page."""
+    with httpx.Client(base_url=server.url, timeout=20) as http:
+        for method in ("GET", "POST", "DELETE"):
+            response = http.request(method, f"/v1{path}")
+            if path == "/models/sim/extra/x" and method == "GET":
+                assert response.status_code == 404  # no model by that name
+            assert response.status_code in (404, 405), (method, path, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.timeout(60)
+def test_bodies_over_the_limit_are_openai_shaped_413s(server: Server, chunked: bool) -> None:
+    """A body over Settings.max_body_bytes (1 MiB) is a JSON 413, declared or chunked."""
+    big = b'{"model": "sim", "prompt": "' + b"x" * (3 << 20) + b'"}'
+    content: object = big
+    if chunked:
+        content = (big[i : i + 65536] for i in range(0, len(big), 65536))
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        response = http.post(
+            "/v1/completions", content=content, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413, response.text[:200]
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.timeout(30)
+def test_deep_nesting_and_lone_surrogates_are_400s(server: Server) -> None:
+    """1,000+ levels of nesting, and a lone surrogate in model or content: JSON 400s (not
+    a RecursionError 500, not an echo that can't be encoded, not a 502)."""
+    deep = b'{"model": "sim", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    cases = [
+        b"[" * 100_000 + b"]" * 100_000,
+        deep,
+        b'{"model": "\\ud800", "prompt": "x"}',
+        b'{"model": "sim", "prompt": "a\\udfffb"}',
+        b'{"model": "sim", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    ]
+    with httpx.Client(base_url=f"{server.url}/v1", timeout=20) as http:
+        for i, raw in enumerate(cases):
+            path = "/chat/completions" if b"messages" in raw else "/completions"
+            response = http.post(path, content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 400, (i, response.text[:200])
+            assert response.json()["error"]["type"] == "invalid_request_error"
+        # A valid surrogate pair is ordinary text.
+        pair = b'{"model": "sim", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+        ok = http.post("/completions", content=pair, headers={"content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.timeout(30)
+def test_a_valid_client_request_id_names_the_request_end_to_end(server: Server) -> None:
+    """A valid X-Request-Id is the engine request's id, echoed on whole and streamed
+    answers; an invalid one is replaced, never echoed."""
+    body = {"model": "sim", "prompt": "ids", "max_tokens": 2}
+    with httpx.Client(base_url=f"{server.url}/v1", timeout=20) as http:
+        for stream in (False, True):
+            ok = http.post(
+                "/completions", json={**body, "stream": stream}, headers={"X-Request-Id": "ab-1.c"}
+            )
+            assert ok.status_code == 200
+            assert ok.headers["x-request-id"] == "ab-1.c"
+        bad = http.post("/completions", json=body, headers={"X-Request-Id": "no spaces<>"})
+        assert bad.status_code == 200
+        assert bad.headers["x-request-id"] not in ("", "no spaces<>")

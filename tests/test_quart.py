@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from quart import Quart, request
 
-from llmbridge import Overloaded, RateLimited
+from llmbridge import LLMBridgeError, Overloaded, RateLimited
 from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.quart import QuartBridge
 from llmbridge.testing import simulated_engine
@@ -120,11 +120,14 @@ async def test_to_thread_and_to_process_are_coroutines() -> None:
     assert (square, pid != os.getpid()) == (49, True)
 
 
-async def test_unknown_options_and_missing_engine_are_refused() -> None:
-    """Bad configuration fails at init with a clear message."""
+async def test_unknown_options_are_refused_and_a_missing_engine_is_explained() -> None:
+    """Bad configuration fails at init with a clear message; a missing engine when a
+    method needs one."""
     with pytest.raises(TypeError, match="unknown QuartBridge option"):
         QuartBridge(Quart(__name__), engine=simulated_engine(), nope=1)
-    with pytest.raises(TypeError, match="needs an engine"):
-        QuartBridge(Quart(__name__))
+    app = Quart(__name__)  # held: a bridge keeps only weak references to its apps
+    engineless = QuartBridge(app, handle_signals=False)
+    with pytest.raises(LLMBridgeError, match=r"no engine: pass one as QuartBridge\(app, engine="):
+        await engineless.generate("x")
     with pytest.raises(ValueError, match="heartbeat"):
         QuartBridge(Quart(__name__), engine=simulated_engine(), heartbeat=-1)

@@ -68,7 +68,7 @@ async def test_disconnect_cancels_the_job(hypercorn: Server) -> None:
     """A client that leaves after 2 events has its job cancelled in the engine."""
     async with httpx.AsyncClient(timeout=30) as client:
         async with client.stream("GET", f"{hypercorn.url}/sse?prompt=gone&n=100000") as r:
-            job = r.headers["x-llmbridge-request-id"]
+            job = r.headers["x-request-id"]
             decoder = SSEDecoder()
             seen = 0
             async for chunk in r.aiter_bytes():

@@ -101,3 +101,12 @@ def test_retry_and_crlf_streams() -> None:
         events = decode_all(raw, piece)
         assert [e.data for e in events] == ["one", "two"]
         assert events[0].retry == 1500
+
+
+def test_lone_surrogates_are_escaped_not_an_encoding_error() -> None:
+    """A chunk holding a lone surrogate (which UTF-8 can't carry) is framed as a JSON
+    escape, and the parser gives the same string back; ordinary text stays unescaped."""
+    evil = "a\ud800b"
+    events = SSEDecoder().feed(encode_chunk(evil))
+    assert events[0].json() == {"text": evil}
+    assert "é".encode() in encode_chunk("é")

@@ -27,7 +27,14 @@ def test_iteration_yields_every_chunk_then_stops() -> None:
     ch.emit("b")
     ch.finish("stop", prompt_tokens=1)
     assert list(stream) == ["ab"]  # unread text is coalesced into one chunk
-    assert stream.result().text == "ab"
+    # Read text is released as it is read (bounded memory): the completion of a stream
+    # read to its end carries the metadata, and only the text no read took.
+    completion = stream.result()
+    assert (completion.text, completion.finish_reason, completion.prompt_tokens) == (
+        "",
+        "stop",
+        1,
+    )
 
 
 def test_unread_text_is_coalesced_not_queued() -> None:

@@ -18,10 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .._core.drivers import _wrap_error
-from .._core.engine import Job, JobQueue
-from .._core.stream import Request
-from .._exceptions import BackendError, BadRequest, EngineClosed, Timeout
+from .._core.channel import Request
+from .._core.jobs import Job, JobQueue, wrap_error
+from .._exceptions import BackendError, BadRequest, EngineClosed, LLMBridgeError, Timeout
 
 __all__ = ["BatchBackend"]
 
@@ -161,11 +160,16 @@ class _Batcher:
         self.limiter = anyio.CapacityLimiter(self.backend.max_concurrent_batches)
         try:
             while True:
-                new, _cancelled = jobs.take()  # cancelled jobs are seen as ended below
+                # Jobs cancelled in a running batch just have their answer dropped.
+                new, _stop = jobs.take()
                 for job in new:
                     self._enqueue(job)
                 if jobs.expired:
-                    self._expire()
+                    jobs.expire(EngineClosed("the engine closed before the request finished"))
+                    for task in self.running:
+                        task.cancel()
+                    for queue in self.queues:
+                        queue.clear()
                 now = time.monotonic()
                 self._drop_expired(now)
                 next_wake = self._dispatch(now, loop)
@@ -184,9 +188,6 @@ class _Batcher:
             jobs.flush()
 
     def _enqueue(self, job: Job) -> None:
-        if job.ended:
-            self.jobs.drop(job)
-            return
         params = job.request.params
         priority = params.get("priority", 0)
         levels = self.backend.priority_levels
@@ -216,8 +217,9 @@ class _Batcher:
             for waiting in queue:
                 job = waiting.job
                 if job.ended:
-                    self.jobs.drop(job)
-                elif now >= waiting.deadline:
+                    self.jobs.drop(job)  # idempotent: its consumer left while it waited
+                    continue
+                if now >= waiting.deadline:
                     waited = now - job.request.submitted_at
                     self.jobs.drop(
                         job, Timeout(f"waited {waited:.3f} s in the batch queue: queue timeout")
@@ -247,7 +249,13 @@ class _Batcher:
             batch: list[Job] = []
             for queue in reversed(self.queues):  # highest priority first
                 while queue and len(batch) < backend.max_batch_size:
-                    batch.append(queue.popleft().job)
+                    job = queue.popleft().job
+                    if job.ended:
+                        self.jobs.drop(job)  # idempotent: its consumer left while it waited
+                    else:
+                        batch.append(job)
+            if not batch:
+                continue
             for job in batch:
                 job.start()
             backend.batch_sizes.append(len(batch))
@@ -284,14 +292,17 @@ class _Batcher:
                 job.fail(closed)
             raise
         except Exception as exc:
-            error = _wrap_error(exc, "the batch function failed")
+            if not isinstance(exc, LLMBridgeError):
+                ids = ", ".join(job.id for job in batch)
+                logger.error("requests %s: the batch function failed", ids, exc_info=exc)
+            error = wrap_error(exc, "the batch function failed")
             for job in batch:
                 job.fail(error)
             self.jobs.flush()
             return
         for job, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                job.fail(_wrap_error(result, "the batch function failed this request"))
+                job.fail(wrap_error(result, "the batch function failed this request", job.id))
             elif isinstance(result, str):
                 job.emit(result)
                 job.finish("stop")
@@ -299,11 +310,3 @@ class _Batcher:
                 kind = type(result).__name__
                 job.fail(BackendError(f"batch results must be str or an exception, got {kind}"))
         self.jobs.flush()
-
-    def _expire(self) -> None:
-        error = EngineClosed("the engine closed before the request finished")
-        for task in self.running:
-            task.cancel()
-        for queue in self.queues:
-            while queue:
-                self.jobs.drop(queue.popleft().job, error)

@@ -20,9 +20,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .._core.channel import Request
 from .._core.drivers import serve_async
-from .._core.engine import Job, JobQueue
-from .._core.stream import Request
+from .._core.jobs import Job, JobQueue
 from .._exceptions import ConcurrentEntryError
 
 __all__ = ["LlamaCppBackend"]
@@ -120,7 +120,8 @@ class LlamaCppBackend:
                 text = delta.get("content") if delta is not None else choice.get("text")
                 if text:
                     tokens += 1
-                    if not job.emit(text):
+                    # A worker thread: wait here while the reader is max_unread behind.
+                    if not job.emit_or_wait(text):
                         return  # the consumer left: the finally closes the generation
                 if choice.get("finish_reason"):
                     finish = "length" if choice["finish_reason"] == "length" else "stop"

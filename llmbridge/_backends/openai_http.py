@@ -12,9 +12,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .._core.channel import Request
 from .._core.drivers import _positive, serve_async
-from .._core.engine import Job, JobQueue
-from .._core.stream import Request
+from .._core.jobs import Job, JobQueue
 from .._exceptions import BackendError, Timeout, UpstreamError
 from .._sansio.sse import SSEDecoder
 
@@ -240,7 +240,7 @@ class OpenAIBackend:
                     choice = choices[0] if isinstance(choices[0], dict) else {}
                     delta = choice.get("delta")
                     text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                    if isinstance(text, str) and text and not job.emit(text):
+                    if isinstance(text, str) and text and not await job.aemit(text):
                         return  # the consumer left: closing the response tells the upstream
                     if choice.get("finish_reason"):
                         finish = str(choice["finish_reason"])

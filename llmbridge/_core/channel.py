@@ -2,9 +2,11 @@
 
 A channel is written by exactly one producer at a time (the engine thread, or a worker
 thread the engine hands a job to) and read by one consumer: a thread or a coroutine on any
-event loop. Text the consumer has not read yet is coalesced into one string on read, so a
-slow consumer costs that request's own output and never more. Async consumers are woken
-with ``loop.call_soon_threadsafe``; the producer batches those wake-ups per loop and calls
+event loop. A channel holds only the text its consumer has not read yet, coalesced into
+one string on read and forgotten once read; ``max_unread`` bounds it (:attr:`Channel.full`
+tells the producer to wait: :meth:`Channel.wait_space`, :meth:`Channel.await_space`, or a
+one-shot :meth:`Channel.set_on_space` hook). Async consumers are woken with
+``loop.call_soon_threadsafe``; the producer batches those wake-ups per loop and calls
 :meth:`Wakeups.flush` once per engine step.
 """
 
@@ -14,86 +16,12 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from .._exceptions import Cancelled, Timeout
+from .request import Completion, Request
+from .wakeups import Wakeups, resolve
 
 __all__ = ["Channel", "Completion", "Request", "Wakeups"]
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as a backend sees it.
-
-    ``id`` is unique in the process and is the identifier to give a backend job;
-    ``params`` holds the sampling parameters passed to :meth:`Engine.submit`.
-    """
-
-    id: str
-    prompt: str
-    params: dict[str, Any] = field(default_factory=dict)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The whole outcome of a finished request.
-
-    Timings are in seconds from submission: ``queued`` until a backend slot took the
-    request, ``time_to_first_token`` until the first text arrived (``None`` if none did),
-    ``total`` until the end.
-    """
-
-    id: str
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    queued: float
-    time_to_first_token: float | None
-    total: float
-
-    @property
-    def total_tokens(self) -> int:
-        """Prompt plus completion tokens."""
-        return self.prompt_tokens + self.completion_tokens
-
-
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)
-
-
-class Wakeups:
-    """Async wake-ups gathered during one engine step, sent once per event loop.
-
-    Not thread-safe: each producer thread keeps its own.
-    """
-
-    __slots__ = ("_by_loop",)
-
-    def __init__(self) -> None:
-        self._by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-
-    def add(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-        futures = self._by_loop.get(loop)
-        if futures is None:
-            self._by_loop[loop] = [future]
-        else:
-            futures.append(future)
-
-    def flush(self) -> None:
-        """Wake every gathered consumer: one ``call_soon_threadsafe`` per loop."""
-        if not self._by_loop:
-            return
-        by_loop, self._by_loop = self._by_loop, {}
-        for loop, futures in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, futures)
-            except RuntimeError:
-                pass  # the consumer's loop is closed: nobody is left to wake
 
 
 _RUNNING, _FINISHED, _FAILED = 0, 1, 2
@@ -116,26 +44,42 @@ class Channel:
         "_finish_reason",
         "_lock",
         "_on_cancel",
+        "_on_end",
+        "_on_space",
         "_parts",
         "_prompt_tokens",
-        "_read",
+        "_space_waiter",
         "_state",
         "_sync_waiters",
         "_t_end",
         "_t_first",
         "_t_start",
+        "_unread",
         "_waiter",
+        "max_unread",
         "request",
     )
 
-    def __init__(self, request: Request, on_cancel: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        on_cancel: Callable[[], None] | None = None,
+        *,
+        max_unread: int | None = None,
+    ) -> None:
         self.request = request
+        #: Characters of unread text past which :attr:`full` is true (``None``: no bound).
+        self.max_unread = max_unread
         self._lock = threading.Lock()
         self._cond: threading.Condition | None = None
         self._sync_waiters = 0
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._space_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._on_space: Callable[[], None] | None = None
+        self._on_end: Callable[[], None] | None = None
+        # Only text the consumer has not read yet: a read hands it over and forgets it.
         self._parts: list[str] = []
-        self._read = 0
+        self._unread = 0
         self._state = _RUNNING
         self._error: BaseException | None = None
         self._finish_reason = ""
@@ -156,6 +100,73 @@ class Channel:
                 return
         if on_cancel is not None and isinstance(self._error, Cancelled):
             on_cancel()  # cancelled before the hook was installed: run it now
+
+    def set_on_end(self, on_end: Callable[[], None] | None) -> None:
+        """Run ``on_end`` once when the channel ends (finished, failed or cancelled), on
+        the thread that ended it, outside the channel's lock. Runs at once if it ended."""
+        with self._lock:
+            if self._state == _RUNNING:
+                self._on_end = on_end
+                return
+        if on_end is not None:
+            on_end()
+
+    def set_on_space(self, on_space: Callable[[], None] | None) -> None:
+        """Run ``on_space`` once, on the consumer's thread, when a read makes room in a
+        :attr:`full` channel (or at once if it has room or ended): how a paused producer
+        learns it may go on. Must not block."""
+        with self._lock:
+            if self._state == _RUNNING and self._full_locked():
+                self._on_space = on_space
+                return
+        if on_space is not None:
+            on_space()
+
+    @property
+    def full(self) -> bool:
+        """True while ``max_unread`` characters or more wait for the consumer."""
+        bound = self.max_unread
+        return bound is not None and self._unread >= bound
+
+    def _full_locked(self) -> bool:
+        return self.max_unread is not None and self._unread >= self.max_unread
+
+    @property
+    def has_text(self) -> bool:
+        """True once some text was written (read or not)."""
+        return self._t_first is not None
+
+    @property
+    def first_text_at(self) -> float | None:
+        """The monotonic time the first text was written, else ``None``."""
+        return self._t_first
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens written so far."""
+        return self._completion_tokens
+
+    def wait_space(self, timeout: float | None = None) -> bool:
+        """Block the producer's thread while the channel is :attr:`full`; False if
+        ``timeout`` passed first. Returns at once once the channel ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._state == _RUNNING and self._full_locked():
+                if not self._wait_locked(deadline):
+                    return False
+        return True
+
+    async def await_space(self) -> None:
+        """Wait without blocking the loop while the channel is :attr:`full` (the
+        producer's side of the bound). Returns once the channel ended."""
+        while True:
+            with self._lock:
+                if self._state != _RUNNING or not self._full_locked():
+                    return
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[None] = loop.create_future()
+                self._space_waiter = (loop, future)
+            await future
 
     def start(self) -> None:
         """Record that a backend slot took the request (ends its queue time)."""
@@ -183,6 +194,7 @@ class Channel:
                 self._t_first = time.monotonic()
             if text:
                 self._parts.append(text)
+                self._unread += len(text)
             self._completion_tokens += tokens
             self._wake_locked(wakeups)
         return True
@@ -208,6 +220,10 @@ class Channel:
             self._t_end = time.monotonic()
             self._on_cancel = None
             self._wake_locked(wakeups)
+            self._wake_producer_locked()
+            on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
         return True
 
     def fail(self, error: BaseException, wakeups: Wakeups | None = None) -> bool:
@@ -221,6 +237,10 @@ class Channel:
             self._t_end = time.monotonic()
             self._on_cancel = None
             self._wake_locked(wakeups)
+            self._wake_producer_locked()
+            on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
         return True
 
     def _wake_locked(self, wakeups: Wakeups | None) -> None:
@@ -232,11 +252,27 @@ class Channel:
             self._waiter = None
             if wakeups is None:
                 try:
-                    waiter[0].call_soon_threadsafe(_resolve, [waiter[1]])
+                    waiter[0].call_soon_threadsafe(resolve, [waiter[1]])
                 except RuntimeError:
                     pass
             else:
                 wakeups.add(*waiter)
+
+    def _wake_producer_locked(self) -> None:
+        """Tell a producer waiting for room that there is some (or the channel ended)."""
+        space_waiter = self._space_waiter
+        if space_waiter is not None:
+            self._space_waiter = None
+            try:
+                space_waiter[0].call_soon_threadsafe(resolve, [space_waiter[1]])
+            except RuntimeError:
+                pass
+        on_space = self._on_space
+        if on_space is not None:
+            # Called under the lock: it only wakes the engine (an event or a loop's
+            # self-pipe) and never takes a channel lock.
+            self._on_space = None
+            on_space()
 
     # -- consumer side -------------------------------------------------------------
 
@@ -253,18 +289,30 @@ class Channel:
             self._finish_reason = "cancelled"
             self._t_end = time.monotonic()
             on_cancel, self._on_cancel = self._on_cancel, None
+            self._parts = []  # nobody will read it: release it now
+            self._unread = 0
             self._wake_locked(None)
+            self._wake_producer_locked()
+            on_end, self._on_end = self._on_end, None
         if on_cancel is not None:
             on_cancel()
+        if on_end is not None:
+            on_end()
         return True
 
     def _take_locked(self) -> str | None:
         parts = self._parts
-        n = len(parts)
-        if self._read == n:
+        if not parts:
             return None
-        text = parts[self._read] if n - self._read == 1 else "".join(parts[self._read :])
-        self._read = n
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        self._parts = []
+        full = self._full_locked()
+        self._unread = 0
+        if full:
+            self._wake_producer_locked()
+            if self._sync_waiters:
+                assert self._cond is not None
+                self._cond.notify_all()  # a producer thread may wait for room
         return text
 
     def _raise_end_locked(self, stop: type[Exception]) -> None:
@@ -315,7 +363,7 @@ class Channel:
         return future.done()
 
     def _raise_if_failed_before_text_locked(self) -> None:
-        if not self._parts and self._state == _FAILED:
+        if self._t_first is None and self._state == _FAILED:
             assert self._error is not None
             raise self._error
 
@@ -376,7 +424,7 @@ class Channel:
         """Block until there is text or the channel ended; raise its error if it failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while not self._parts and self._state == _RUNNING:
+            while self._t_first is None and self._state == _RUNNING:
                 if not self._wait_locked(deadline):
                     raise Timeout(f"no output within {timeout} s")
             self._raise_if_failed_before_text_locked()
@@ -385,14 +433,57 @@ class Channel:
         """Wait until there is text or the channel ended; raise its error if it failed."""
         while True:
             with self._lock:
-                if self._parts or self._state != _RUNNING:
+                if self._t_first is not None or self._state != _RUNNING:
                     self._raise_if_failed_before_text_locked()
                     return
                 future = self._park_locked()
             await self._wake_or_timeout(future, None)
 
+    def read_all(self, timeout: float | None = None) -> Completion | None:
+        """Block until the channel ends, reading as the text comes (so a bounded producer
+        never waits on us); return the :class:`Completion` with all of it. ``None`` if
+        ``timeout`` passed first; raises the request's error if it failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: list[str] = []
+        with self._lock:
+            while True:
+                text = self._take_locked()
+                if text is not None:
+                    chunks.append(text)
+                if self._state != _RUNNING:
+                    break
+                if not self._wait_locked(deadline):
+                    return None
+            return self._ended_completion_locked(chunks)
+
+    async def aread_all(self) -> Completion:
+        """The async twin of :meth:`read_all`, without a timeout (wrap it in one)."""
+        chunks: list[str] = []
+        while True:
+            with self._lock:
+                text = self._take_locked()
+                if text is not None:
+                    chunks.append(text)
+                if self._state != _RUNNING:
+                    return self._ended_completion_locked(chunks)
+                future = self._park_locked()
+            await self._wake_or_timeout(future, None)
+
+    def _ended_completion_locked(self, chunks: list[str]) -> Completion:
+        if self._state == _FAILED:
+            assert self._error is not None
+            raise self._error
+        if chunks:
+            # The caller asked for all of it: keep it, so a second result() (or a late
+            # iteration) sees the same text, as before the reads.
+            self._parts = ["".join(chunks), *self._parts]
+        return self._completion_locked()
+
     def completion(self) -> Completion:
-        """The :class:`Completion` of an ended channel; raises its error if it failed."""
+        """The :class:`Completion` of an ended channel; raises its error if it failed.
+
+        Its ``text`` is what no read has taken yet: all of it if nobody read the stream.
+        """
         with self._lock:
             if self._state == _RUNNING:
                 raise RuntimeError("the request has not ended yet")
@@ -415,13 +506,3 @@ class Channel:
             time_to_first_token=None if self._t_first is None else self._t_first - submitted,
             total=end - submitted,
         )
-
-    def snapshot(self) -> tuple[str, bool]:
-        """All text so far and whether the channel ended (for replay to late joiners)."""
-        with self._lock:
-            return "".join(self._parts), self._state != _RUNNING
-
-    @property
-    def error(self) -> BaseException | None:
-        """The error the channel failed with, if it did."""
-        return self._error

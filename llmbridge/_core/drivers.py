@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import aclosing
 from typing import Any, Protocol, runtime_checkable
 
-from .._exceptions import BackendError, Cancelled, EngineClosed, LLMBridgeError
-from .engine import Job, JobQueue
-from .stream import Request
+from .._exceptions import Cancelled, EngineClosed, LLMBridgeError
+from .channel import Request
+from .jobs import Job, JobQueue, wrap_error
 
 __all__ = [
     "AsyncBackend",
@@ -36,12 +36,15 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-def _wrap_error(exc: BaseException, what: str) -> LLMBridgeError:
-    if isinstance(exc, LLMBridgeError):
-        return exc
-    error = BackendError(f"{what}: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
+def _wrap_error(exc: BaseException, what: str, job: Job | None = None) -> BaseException:
+    return wrap_error(exc, what, None if job is None else job.id)
+
+
+def _wrap_shared(exc: BaseException, what: str, jobs: list[Job]) -> BaseException:
+    """One backend error that fails several requests: logged once, naming them all."""
+    if jobs and not isinstance(exc, LLMBridgeError):
+        logger.error("requests %s: %s", ", ".join(j.id for j in jobs), what, exc_info=exc)
+    return wrap_error(exc, what)
 
 
 @runtime_checkable
@@ -51,7 +54,9 @@ class StepGenerator(Protocol):
     ``enqueue(job)`` adds a job; ``iterate()`` advances every job by one step and
     returns result dicts carrying ``identifier`` (or the ``job`` itself), ``text`` and
     ``eos``, optionally ``eos_reason``, ``new_tokens``, ``prompt_tokens`` or ``error``;
-    ``cancel(job)`` drops a job.
+    ``cancel(job)`` drops a job. A generator that can also ``pause(job)`` and
+    ``resume(job)`` (skip a job in ``iterate()`` until resumed) lets a slow reader hold
+    its own job back instead of being ended at ``max_unread``.
     """
 
     def enqueue(self, job: Any) -> Any: ...
@@ -60,9 +65,6 @@ class StepGenerator(Protocol):
 
     def cancel(self, job: Any) -> Any: ...
 
-
-# Marks a queued job whose consumer cancelled it: it already left the admission count.
-_DROPPED: Any = object()
 
 _LENGTH_REASONS = frozenset({"max_new_tokens", "length", "max_tokens"})
 
@@ -104,12 +106,17 @@ class StepBackend:
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         # Kept on the instance so a restarted serve() (after a crash or a fork) can clean up.
         self._active: dict[str, Job] = {}
+        self._paused: dict[str, Job] = {}
+        self._can_pause = callable(getattr(generator, "pause", None)) and callable(
+            getattr(generator, "resume", None)
+        )
 
     def __repr__(self) -> str:
         return f"StepBackend({self.generator!r}, max_batch_size={self.max_batch_size})"
 
     def _drop(self, job: Job) -> None:
         self._active.pop(job.id, None)
+        self._paused.pop(job.id, None)
         try:
             self.generator.cancel(job.handle)
         except Exception:
@@ -119,63 +126,85 @@ class StepBackend:
         """Run the step loop on the engine thread until the engine closes."""
         generator = self.generator
         active = self._active
+        paused = self._paused
         # Jobs left by a previous serve() (it crashed, or we are a forked child whose
         # parent had them in flight) are nobody's now: take them out of the generator.
         for job in list(active.values()):
             job.fail(EngineClosed("the engine restarted"))
             self._drop(job)
+        paused.clear()
         by_handle: dict[int, Job] = {}
         waiting: deque[Job] = deque()
         while True:
-            new, cancelled = jobs.take()
+            new, stop = jobs.take()
             waiting.extend(new)
-            for job in cancelled:
-                if job.id in active:
+            for job in stop:
+                if active.get(job.id) is job:
                     by_handle.pop(id(job.handle), None)
                     self._drop(job)
-                elif not job.channel.started and job.handle is not _DROPPED:
-                    job.handle = _DROPPED  # still queued: free its admission slot now
-                    jobs.drop(job)
             if jobs.expired:
-                self._expire(jobs, waiting, by_handle)
+                jobs.expire(EngineClosed("the engine closed before the request finished"))
+                for job in list(active.values()):
+                    self._drop(job)
+                by_handle.clear()
+                waiting.clear()
+            if paused:
+                self._resume_ready(jobs)
             while waiting and len(active) < self.max_batch_size:
                 job = waiting.popleft()
                 if job.ended:
-                    if job.handle is not _DROPPED:
-                        jobs.drop(job)
+                    jobs.drop(job)  # idempotent: its consumer left while it waited
                     continue
                 job.start()
                 try:
                     job.handle = self.make_job(job.request)
                     generator.enqueue(job.handle)
                 except Exception as exc:
-                    job.fail(_wrap_error(exc, "could not start the job"))
+                    job.fail(_wrap_error(exc, "could not start the job", job))
                     continue
                 active[job.id] = job
                 by_handle[id(job.handle)] = job
-            if not active:
+            if len(paused) == len(active):  # nothing to step: every job waits on a reader
                 jobs.flush()
-                if jobs.closing and not waiting:
+                if jobs.closing and not waiting and not active:
                     return
                 jobs.wait()
                 continue
             try:
                 results = generator.iterate()
             except Exception as exc:
-                error = _wrap_error(exc, "the generator's iterate() failed")
-                for job in list(active.values()):
+                failed = list(active.values())
+                error = _wrap_shared(exc, "the generator's iterate() failed", failed)
+                for job in failed:
                     job.fail(error)
                     self._drop(job)
                 by_handle.clear()
                 jobs.step()
                 continue
             for result in results:
-                self._route(result, active, by_handle)
+                self._route(result, jobs, by_handle)
             jobs.step()
 
-    def _route(
-        self, result: dict[str, Any], active: dict[str, Job], by_handle: dict[int, Job]
-    ) -> None:
+    def _resume_ready(self, jobs: JobQueue) -> None:
+        for job in list(self._paused.values()):
+            if job.ended or not job.full:
+                del self._paused[job.id]
+                if not job.ended:
+                    self.generator.resume(job.handle)  # type: ignore[attr-defined]
+
+    def _hold_back(self, job: Job, jobs: JobQueue, by_handle: dict[int, Job]) -> None:
+        """``job``'s reader is ``max_unread`` behind: pause it, or end it if we can't."""
+        if self._can_pause:
+            self.generator.pause(job.handle)  # type: ignore[attr-defined]
+            self._paused[job.id] = job
+            job.channel.set_on_space(jobs.notify)
+        else:
+            job.fail_slow_consumer()
+            by_handle.pop(id(job.handle), None)
+            self._drop(job)
+
+    def _route(self, result: dict[str, Any], jobs: JobQueue, by_handle: dict[int, Job]) -> None:
+        active = self._active
         identifier = result.get("identifier")
         job = active.get(identifier) if isinstance(identifier, str) else None
         if job is None and "job" in result:
@@ -185,9 +214,9 @@ class StepBackend:
         error = result.get("error")
         if error is not None:
             job.fail(
-                _wrap_error(error, "the generator failed the job")
+                _wrap_error(error, "the generator failed the job", job)
                 if isinstance(error, BaseException)
-                else BackendError(str(error))
+                else _wrap_error(RuntimeError(str(error)), "the generator failed the job", job)
             )
             self._forget(job, by_handle)
             return
@@ -196,7 +225,7 @@ class StepBackend:
         tokens = len(token_ids) if token_ids is not None else (1 if text else 0)
         if (text or tokens) and not job.emit(text, tokens):
             by_handle.pop(id(job.handle), None)
-            self._drop(job)  # its consumer went away mid-step
+            self._drop(job)  # its consumer went away mid-step, or it hit max_output
             return
         if result.get("eos"):
             reason = str(result.get("eos_reason") or "stop")
@@ -206,21 +235,16 @@ class StepBackend:
                 completion_tokens=_int_or_none(result.get("new_tokens")),
             )
             self._forget(job, by_handle)
+        else:
+            channel = job.channel  # Channel.full, inlined: this runs once per token
+            bound = channel.max_unread
+            if bound is not None and channel._unread >= bound:
+                self._hold_back(job, jobs, by_handle)
 
     def _forget(self, job: Job, by_handle: dict[int, Job]) -> None:
         self._active.pop(job.id, None)
+        self._paused.pop(job.id, None)
         by_handle.pop(id(job.handle), None)
-
-    def _expire(self, jobs: JobQueue, waiting: deque[Job], by_handle: dict[int, Job]) -> None:
-        error = EngineClosed("the engine closed before the request finished")
-        for job in list(self._active.values()):
-            job.fail(error)
-            self._drop(job)
-        by_handle.clear()
-        while waiting:
-            job = waiting.popleft()
-            if job.handle is not _DROPPED:
-                jobs.drop(job, error)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -295,22 +319,21 @@ class _AsyncDriver:
             await opener()
         try:
             while True:
-                new, cancelled = jobs.take()
+                new, stop = jobs.take()
                 self.waiting.extend(new)
-                for job in cancelled:
+                for job in stop:
                     task = self.tasks.get(job.id)
                     if task is not None:
                         task.cancel()
-                    elif not job.channel.started and job.handle is not _DROPPED:
-                        job.handle = _DROPPED  # still queued: free its admission slot now
-                        jobs.drop(job)
                 if jobs.expired:
-                    self._expire()
+                    jobs.expire(EngineClosed("the engine closed before the request finished"))
+                    for task in self.tasks.values():
+                        task.cancel()
+                    self.waiting.clear()
                 while self.waiting and len(self.tasks) < self.max_concurrency:
                     job = self.waiting.popleft()
                     if job.ended:
-                        if job.handle is not _DROPPED:
-                            jobs.drop(job)
+                        jobs.drop(job)  # idempotent: its consumer left while it waited
                         continue
                     job.start()
                     task = loop.create_task(self._run(job))
@@ -336,30 +359,18 @@ class _AsyncDriver:
                     logger.exception("%r.aclose() failed", self.backend)
             jobs.flush()
 
-    def _expire(self) -> None:
-        error = EngineClosed("the engine closed before the request finished")
-        for task in self.tasks.values():
-            task.cancel()
-        for job_id in list(self.tasks):
-            live = self.jobs._live.get(job_id)
-            if live is not None:
-                live.fail(error)
-        while self.waiting:
-            job = self.waiting.popleft()
-            if job.handle is not _DROPPED:
-                self.jobs.drop(job, error)
-
     async def _run(self, job: Job) -> None:
         try:
             await self.backend.generate(job.request, job)
         except asyncio.CancelledError:
             job.fail(Cancelled("the request was cancelled"))
         except Exception as exc:
-            job.fail(_wrap_error(exc, "the backend failed"))
+            job.fail(_wrap_error(exc, "the backend failed", job))
         else:
             job.finish("stop")
         finally:
-            self.tasks.pop(job.id, None)
+            if self.tasks.get(job.id) is asyncio.current_task():
+                del self.tasks[job.id]
             self.jobs.flush()
 
 
@@ -371,8 +382,9 @@ class CallableBackend:
     own event loop, so an async client created on first use there (an
     ``httpx.AsyncClient``) is shared and pooled by every request. Sync callables run in a
     bounded pool of ``max_threads`` worker threads, never on the loop; a sync generator is
-    closed between chunks once its consumer goes away. ``max_concurrency`` caps requests
-    in flight; the rest wait in the engine's queue.
+    closed between chunks once its consumer goes away, and waits between chunks while its
+    reader is ``max_unread`` characters behind (an async generator awaits instead).
+    ``max_concurrency`` caps requests in flight; the rest wait in the engine's queue.
 
     >>> def echo(prompt: str) -> str:
     ...     return prompt
@@ -430,16 +442,19 @@ class CallableBackend:
 
 async def _emit_async(chunks: AsyncIterator[Any], job: Job) -> None:
     async for chunk in chunks:
-        if not job.emit(_as_text(chunk)):
+        if not await job.aemit(_as_text(chunk)):
             return
 
 
-def _emit_result(result: Any, job: Job) -> None:
+def _emit_result(result: Any, job: Job, *, on_worker: bool = False) -> None:
     if isinstance(result, str):
         job.emit(result)
     elif isinstance(result, Iterable):
+        # A worker thread waits here while the reader is max_unread behind; the loop
+        # (a coroutine's result: already all in memory) must not.
+        emit = job.emit_or_wait if on_worker else job.emit
         for chunk in result:
-            if not job.emit(_as_text(chunk)):
+            if not emit(_as_text(chunk)):
                 return
     elif isinstance(result, Awaitable):
         raise TypeError("the callable returned an awaitable: declare it with async def")
@@ -451,11 +466,11 @@ def _run_sync(fn: Callable[..., Any], request: Request, job: Job) -> None:
     result = fn(request.prompt, **request.params)
     if isinstance(result, Iterator) and hasattr(result, "close"):
         try:
-            _emit_result(result, job)
+            _emit_result(result, job, on_worker=True)
         finally:
             result.close()
     else:
-        _emit_result(result, job)
+        _emit_result(result, job, on_worker=True)
 
 
 def _as_text(chunk: Any) -> str:

@@ -7,241 +7,26 @@ commands between steps, so a cancellation reaches the backend within one step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from .._exceptions import BadRequest, Cancelled, EngineClosed, Overloaded
+from .._exceptions import BackendError, BadRequest, EngineClosed, Overloaded
 from .closing import Closing
-from .stream import Channel, Request, Stream, Wakeups
+from .jobs import Backend, EngineStats, Job, JobQueue, JobSink
+from .stream import Channel, Request, Stream
 
 __all__ = ["Backend", "Engine", "EngineStats", "Job", "JobQueue", "Submitter"]
 
 logger = logging.getLogger("llmbridge")
 
 _ids = itertools.count(1)
-
-
-class Job:
-    """One admitted request as the engine thread sees it: the backend's write end.
-
-    ``emit``/``finish``/``fail`` may be called from the engine thread or from one
-    worker thread the backend hands the job to; ``handle`` is free for the backend (the
-    step generator's own job object, a task, ...).
-    """
-
-    __slots__ = ("_queue", "channel", "handle", "request")
-
-    def __init__(self, queue: JobQueue, request: Request, channel: Channel) -> None:
-        self._queue = queue
-        self.request = request
-        self.channel = channel
-        self.handle: Any = None
-
-    @property
-    def id(self) -> str:
-        """The request's id."""
-        return self.request.id
-
-    @property
-    def ended(self) -> bool:
-        """True once the request finished, failed or its consumer cancelled it."""
-        return self.channel.ended
-
-    def start(self) -> None:
-        """Mark the job as taken by the backend: it leaves the admission queue."""
-        self.channel.start()
-        self._queue._left_queue()
-
-    def emit(self, text: str, tokens: int = 1) -> bool:
-        """Send ``text`` to the consumer. Returns False once the job has ended."""
-        return self.channel.emit(text, tokens, self._queue._wakeups_here())
-
-    def finish(
-        self,
-        finish_reason: str = "stop",
-        *,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-    ) -> None:
-        """End the request successfully."""
-        if self.channel.finish(
-            finish_reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            wakeups=self._queue._wakeups_here(),
-        ):
-            self._queue.stats.completed += 1
-        self._queue._live.pop(self.request.id, None)
-
-    def fail(self, error: BaseException) -> None:
-        """End the request with ``error`` (a no-op if it already ended)."""
-        if self.channel.fail(error, self._queue._wakeups_here()):
-            if isinstance(error, Cancelled):
-                self._queue.stats.cancelled += 1
-            else:
-                self._queue.stats.failed += 1
-        self._queue._live.pop(self.request.id, None)
-
-
-class EngineStats:
-    """Counters kept by the engine thread; read them from anywhere (values may lag)."""
-
-    __slots__ = ("cancelled", "completed", "failed", "steps", "submitted")
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.steps = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
-class JobQueue:
-    """The engine thread's inbox: new jobs and cancellations, in the order they came.
-
-    A backend's :meth:`Backend.serve` loop calls :meth:`take` between steps and
-    :meth:`wait` when it has nothing to do. Producers (any thread) only append and
-    notify, so :meth:`Engine.submit` never blocks on the engine.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._commands: deque[tuple[bool, Job]] = deque()
-        self._event = threading.Event()
-        self._notifier: Callable[[], None] = self._event.set
-        self._closing = False
-        self._deadline: float | None = None
-        self._wakeups = Wakeups()
-        self._flush_hook: Callable[[], None] | None = None
-        self._thread_id: int | None = None
-        self._live: dict[str, Job] = {}
-        self.stats = engine._stats
-
-    # -- producers (any thread) -------------------------------------------------------
-
-    def _cancel(self, job: Job) -> None:
-        self._commands.append((False, job))
-        self._notifier()
-
-    def _close(self, deadline: float) -> None:
-        self._deadline = deadline
-        self._closing = True
-        self._notifier()
-
-    def _left_queue(self) -> None:
-        self._engine._left_queue()
-
-    def _wakeups_here(self) -> Wakeups | None:
-        if threading.get_ident() != self._thread_id:
-            return None  # a worker thread: wake consumers at once
-        if self._flush_hook is not None:
-            self._flush_hook()
-        return self._wakeups
-
-    # -- the engine thread ------------------------------------------------------------
-
-    @property
-    def closing(self) -> bool:
-        """True once the engine stopped admitting: finish the work in hand, then return."""
-        return self._closing
-
-    @property
-    def expired(self) -> bool:
-        """True once the close deadline passed: cancel everything still running."""
-        return self._deadline is not None and time.monotonic() >= self._deadline
-
-    @property
-    def deadline(self) -> float | None:
-        """The monotonic time by which a closing engine must be done, else ``None``."""
-        return self._deadline
-
-    def set_notifier(self, notifier: Callable[[], None]) -> None:
-        """Replace how producers wake the engine (an async driver sets its loop's)."""
-        self._notifier = notifier
-        if self._commands or self._closing:
-            notifier()
-
-    def set_flush_hook(self, hook: Callable[[], None] | None) -> None:
-        """Called on each engine-thread write (an async driver schedules :meth:`flush`)."""
-        self._flush_hook = hook
-
-    def take(self) -> tuple[list[Job], list[Job]]:
-        """New jobs and jobs whose consumers cancelled them, since the last call."""
-        self._event.clear()
-        new: list[Job] = []
-        cancelled: list[Job] = []
-        commands = self._commands
-        live = self._live
-        while commands:
-            is_new, job = commands.popleft()
-            if is_new:
-                new.append(job)
-                if not job.ended:
-                    live[job.request.id] = job
-            else:
-                cancelled.append(job)
-                if live.pop(job.request.id, None) is not None:
-                    self.stats.cancelled += 1
-        self.stats.submitted += len(new)
-        return new, cancelled
-
-    @property
-    def in_flight(self) -> int:
-        """Jobs taken from the queue that have not ended yet."""
-        return len(self._live)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block the engine thread until a command arrives, closing starts or ``timeout``."""
-        if self._commands or (self._closing and self._deadline is None):
-            return
-        if self._deadline is not None:
-            remaining = self._deadline - time.monotonic()
-            timeout = remaining if timeout is None else min(timeout, remaining)
-            if timeout <= 0:
-                return
-        self._event.wait(timeout)
-
-    def step(self) -> None:
-        """Count one backend step and wake the consumers it fed (once per loop)."""
-        self.stats.steps += 1
-        self._wakeups.flush()
-
-    def flush(self) -> None:
-        """Wake the consumers fed since the last flush (once per loop)."""
-        self._wakeups.flush()
-
-    def drop(self, job: Job, error: BaseException | None = None) -> None:
-        """Remove a job that never started: it leaves the queue, failing with ``error``."""
-        self._engine._left_queue()
-        if error is not None:
-            job.fail(error)
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What an :class:`Engine` drives on its thread.
-
-    ``serve(jobs)`` runs on the engine thread for the engine's whole life: it takes new
-    jobs and cancellations from ``jobs`` (a :class:`JobQueue`), runs them, writes their
-    output with :meth:`Job.emit` / :meth:`Job.finish` / :meth:`Job.fail`, and returns
-    once ``jobs.closing`` is set and no work is left. It must cancel everything when
-    ``jobs.expired``. The built-in backends are :class:`llmbridge.backends.StepBackend`
-    (ExLlamaV2-style step generators) and :class:`llmbridge.backends.CallableBackend`
-    (plain functions, coroutines and generators, sync or async).
-    """
-
-    def serve(self, jobs: JobQueue) -> None: ...
 
 
 @runtime_checkable
@@ -253,6 +38,9 @@ class Submitter(Protocol):
 
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+#: The default ``max_unread``: characters of output one stream may hold for its reader.
+DEFAULT_MAX_UNREAD = 1 << 20
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -273,6 +61,14 @@ class Engine(Closing):
     raises :class:`Overloaded` at once. Every method is safe to call from any thread or
     event loop.
 
+    Memory per stream is bounded: once ``max_unread`` characters wait for a slow reader,
+    the producer pauses (a step generator with ``pause``/``resume``, a worker thread, an
+    async backend) or, for a step generator that can't pause, the request ends with
+    :class:`SlowConsumer` (503); read text is released at once, and all of it when the
+    stream closes. ``max_output`` caps one request's output in characters (for callables
+    that ignore ``max_tokens``): the text is cut there and the request finishes with
+    ``"length"``. ``None`` turns a bound off.
+
     >>> with Engine(lambda prompt: prompt[::-1]) as engine:  # doctest: +SKIP
     ...     engine.submit("abc").result().text
     'cba'
@@ -284,11 +80,18 @@ class Engine(Closing):
         /,
         *,
         max_queued: int = 1024,
+        max_unread: int | None = DEFAULT_MAX_UNREAD,
+        max_output: int | None = None,
         close_timeout: float = 30.0,
         name: str | None = None,
     ) -> None:
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
             raise ValueError(f"max_queued must be a positive int, got {max_queued!r}")
+        for option, value in (("max_unread", max_unread), ("max_output", max_output)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{option} must be a positive int or None, got {value!r}")
         if close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0, got {close_timeout!r}")
         if not isinstance(backend, Backend):
@@ -302,6 +105,8 @@ class Engine(Closing):
             backend = CallableBackend(backend)
         self.backend: Backend = backend
         self.max_queued = max_queued
+        self.max_unread = max_unread
+        self.max_output = max_output
         self.close_timeout = close_timeout
         self.name = name or f"llmbridge-engine-{next(_ids)}"
         self._reset()
@@ -313,7 +118,9 @@ class Engine(Closing):
         self._pid = os.getpid()
         self._queued = 0
         self._stats = EngineStats()
-        self._jobs = JobQueue(self)
+        # Ids of live requests -> how many holders (a request's job, a pipeline's call).
+        self._ids_in_use: dict[str, int] = {}
+        self._jobs = self._new_queue()
         self._thread: threading.Thread | None = None
         self._crashed: BaseException | None = None
 
@@ -372,20 +179,61 @@ class Engine(Closing):
             if self._state in (_CLOSING, _CLOSED):
                 raise EngineClosed(f"{self.name} is closed")
             if self._queued >= self.max_queued:
+                self._stats.rejected += 1
                 raise Overloaded(f"{self.name}: {self._queued} requests already queued")
-            self._queued += 1
+            request = Request(self._reserve_id_locked(request_id), prompt, params)
+            channel = Channel(request, max_unread=self.max_unread)
+            job = self._put_locked(request, channel, None)
             jobs = self._jobs
-            request = Request(self._unique_id(request_id), prompt, params)
-            channel = Channel(request)
-            job = Job(jobs, request, channel)
-            channel.set_on_cancel(lambda: jobs._cancel(job))
-            # Queued under the lock: a crashing engine thread swaps its queue under the
-            # same lock, so a job lands either in the old queue (and is failed) or the new.
-            jobs._commands.append((True, job))
-            if self._state == _NEW:
-                self._start_locked()
-        jobs._notifier()  # outside the lock: waking a loop is a syscall
+            channel.set_on_cancel(functools.partial(jobs.cancel, job))
+        jobs.notify()  # outside the lock: waking a loop is a syscall
         return Stream(channel)
+
+    # -- for a policy pipeline that writes into the engine's own request -------------
+
+    def open_request(self, prompt: str, params: dict[str, Any], request_id: str | None) -> Channel:
+        """Reserve a unique id now and return the channel the request's jobs will write
+        to; the id stays reserved until the channel ends. Never blocks; any thread.
+
+        A :class:`~llmbridge.policies.Pipeline` opens the request when its caller
+        submits, runs its policies, then :meth:`submit_job` one or more attempts (a
+        retry) into the same channel, so the caller's stream, the engine and the backend
+        job share one id and one buffer.
+        """
+        if not isinstance(prompt, str):
+            raise BadRequest(f"prompt must be a str, got {type(prompt).__name__}")
+        with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
+            request = Request(self._reserve_id_locked(request_id), prompt, params)
+        channel = Channel(request, max_unread=self.max_unread)
+        channel.set_on_end(functools.partial(self._release_id, request.id, self._ids_in_use))
+        return channel
+
+    def submit_job(self, channel: Channel, *, sink: JobSink | None = None) -> Job:
+        """Admit one attempt at the request of a channel from :meth:`open_request`.
+
+        The job writes its text straight into ``channel``; with a ``sink``, its end goes
+        to the sink instead, which decides how the channel ends (or retries). Cancel it
+        with :meth:`Job.cancel`. Raises :class:`Overloaded` and :class:`EngineClosed` like
+        :meth:`submit`. Never blocks; any thread.
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
+            if self._state in (_CLOSING, _CLOSED):
+                raise EngineClosed(f"{self.name} is closed")
+            if self._queued >= self.max_queued:
+                self._stats.rejected += 1
+                raise Overloaded(f"{self.name}: {self._queued} requests already queued")
+            request = channel.request
+            # The job holds the id too: it may outlive the channel (a cancelled attempt
+            # still in the generator), and no new request may take the id until it ends.
+            self._ids_in_use[request.id] = self._ids_in_use.get(request.id, 0) + 1
+            job = self._put_locked(request, channel, sink)
+            jobs = self._jobs
+        jobs.notify()
+        return job
 
     def close(self, timeout: float | None = None) -> None:
         """Stop admitting, let in-flight requests finish, then stop the thread. Blocks.
@@ -403,7 +251,7 @@ class Engine(Closing):
                 return
             if self._state == _RUNNING:
                 self._state = _CLOSING
-                self._jobs._close(time.monotonic() + timeout)
+                self._jobs.close(time.monotonic() + timeout)
             thread = self._thread
         if thread is not None:
             if thread is threading.current_thread():
@@ -420,9 +268,52 @@ class Engine(Closing):
 
     # -- internals --------------------------------------------------------------------
 
-    def _unique_id(self, wanted: str | None) -> str:
-        # TODO(core): keep ids unique among this engine's live requests.
-        return f"req-{next(_ids)}" if wanted is None else wanted
+    def _new_queue(self) -> JobQueue:
+        return JobQueue(
+            self._stats,
+            on_left_queue=self._left_queue,
+            on_ended=self._job_ended,
+            max_output=self.max_output,
+        )
+
+    def _put_locked(self, request: Request, channel: Channel, sink: JobSink | None) -> Job:
+        self._queued += 1
+        jobs = self._jobs
+        job = Job(jobs, request, channel, sink)
+        # Queued under the lock: a crashing engine thread swaps its queue under the
+        # same lock, so a job lands either in the old queue (and is failed) or the new.
+        jobs.put(job)
+        if self._state == _NEW:
+            self._start_locked()
+        return job
+
+    def _reserve_id_locked(self, wanted: str | None) -> str:
+        # Step generators key their jobs by identifier: two live requests with one id
+        # would mix their streams. The rule: an id in use gets the first free suffix
+        # (".2", ".3", ...); our own ids ("req-N") are fresh by construction.
+        in_use = self._ids_in_use
+        if wanted is None:
+            wanted = f"req-{next(_ids)}"
+        elif wanted in in_use:
+            n = 2
+            while f"{wanted}.{n}" in in_use:
+                n += 1
+            wanted = f"{wanted}.{n}"
+        in_use[wanted] = 1
+        return wanted
+
+    def _release_id(self, request_id: str, in_use: dict[str, int]) -> None:
+        # ``in_use`` is passed in, not read from self: after a fork the engine has a
+        # fresh table, and a holder from before must not release an id in it.
+        with self._lock:
+            n = in_use.get(request_id, 0)
+            if n <= 1:
+                in_use.pop(request_id, None)
+            else:
+                in_use[request_id] = n - 1
+
+    def _job_ended(self, job: Job) -> None:
+        self._release_id(job.request.id, self._ids_in_use)
 
     def _left_queue(self) -> None:
         with self._lock:
@@ -437,29 +328,37 @@ class Engine(Closing):
 
     def _run(self) -> None:
         jobs = self._jobs
-        jobs._thread_id = threading.get_ident()
+        jobs.thread_id = threading.get_ident()
         try:
             self.backend.serve(jobs)
         except BaseException as exc:  # the backend's loop itself died
-            logger.exception("%s: backend %r crashed", self.name, self.backend)
             with self._lock:
                 self._crashed = exc
-                self._fail_pending(jobs, exc)
                 if self._state == _RUNNING:
                     # Recover: the next submit starts a fresh thread on a fresh queue.
-                    self._jobs = JobQueue(self)
+                    self._jobs = self._new_queue()
                     self._queued = 0
                     self._state = _NEW
-            return
+            # Nothing reaches the old queue now (submits go to the new one); what it
+            # holds fails outside the lock, since ending a job takes the lock.
+            jobs._on_left_queue = _nothing
+            self._fail_pending(jobs, exc)
 
     def _fail_pending(self, jobs: JobQueue, exc: BaseException) -> None:
-        from .._exceptions import BackendError
-
+        jobs.take()
+        ids = ", ".join(sorted(job.id for job in jobs._live)) or "none"
+        # Logged once, here, with every request it fails; clients get public_message.
+        logger.error(
+            "%s: backend %r crashed; failing requests: %s",
+            self.name,
+            self.backend,
+            ids,
+            exc_info=exc,
+        )
         error = BackendError(f"the engine's backend crashed: {exc!r}")
         error.__cause__ = exc
-        jobs.take()
-        for job in list(jobs._live.values()):
-            job.fail(error)
+        jobs.expire(error)
+        jobs.flush()
 
     def _after_fork(self) -> None:
         # Only the forking thread survives a fork: the engine thread and every request
@@ -468,6 +367,10 @@ class Engine(Closing):
         self._reset()
         if closed:
             self._state = _CLOSED
+
+
+def _nothing() -> None:
+    pass
 
 
 def _reset_engines_in_child() -> None:

@@ -1,7 +1,7 @@
 """The :class:`Stream` handle: how a caller reads one request's channel.
 
 Sync and async iteration, results, cancellation; the channel underneath lives in
-:mod:`llmbridge._channel`.
+:mod:`llmbridge._core.channel`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Stream(Closing):
 
     @property
     def id(self) -> str:
-        """The request's id, unique in the process."""
+        """The request's id: unique among its engine's live requests, and the id of the
+        backend job and of the engine's log lines."""
         return self._channel.request.id
 
     @property
@@ -72,14 +73,18 @@ class Stream(Closing):
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request ends and return its :class:`Completion`.
 
+        It reads the text as it comes (so a producer bounded by ``max_unread`` never
+        waits on it); its ``text`` is everything no earlier read took.
+
         Raises the request's error (:class:`Cancelled`, :class:`BackendError`, ...) or
         :class:`Timeout` after ``timeout`` seconds, which also cancels the request.
         Don't call it on an event loop: use :meth:`aresult`.
         """
-        if not self._channel.wait_ended(timeout):
+        completion = self._channel.read_all(timeout)
+        if completion is None:
             self._channel.cancel(f"no result within {timeout} s")
             raise Timeout(f"no result within {timeout} s")
-        return self._channel.completion()
+        return completion
 
     async def aresult(self, timeout: float | None = None) -> Completion:
         """Wait for the request to end and return its :class:`Completion`.
@@ -89,11 +94,10 @@ class Stream(Closing):
         """
         try:
             async with asyncio.timeout(timeout):
-                await self._channel.await_ended()
+                return await self._channel.aread_all()
         except TimeoutError:
             self._channel.cancel(f"no result within {timeout} s")
             raise Timeout(f"no result within {timeout} s") from None
-        return self._channel.completion()
 
     def wait_started(self, timeout: float | None = None) -> None:
         """Block until the first text arrives or the request ended.
@@ -125,11 +129,12 @@ class Stream(Closing):
         return self._channel.cancel()
 
     def close(self) -> None:
-        """Cancel the request if it is still running (the sync twin of :meth:`aclose`)."""
+        """Cancel the request if it is still running, releasing its unread text (the
+        sync twin of :meth:`aclose`). Never blocks; idempotent."""
         self._channel.cancel("the stream was closed")
 
     async def aclose(self) -> None:
-        """Cancel the request if it is still running."""
+        """Cancel the request if it is still running, releasing its unread text."""
         self._channel.cancel("the stream was closed")
 
     def __del__(self) -> None:

@@ -1,159 +1,193 @@
-"""The OpenAI-compatible surface as a Quart blueprint (see :mod:`llmbridge.openai`)."""
+"""The OpenAI routes as a Quart blueprint (see :mod:`llmbridge.openai`).
+
+Streams are pumped through the one :class:`~llmbridge._web.body.StreamBody` and counted
+by a :class:`~llmbridge._web.drain.Drain`: the app's :class:`~llmbridge.quart.QuartBridge`
+one when it has a bridge, else the blueprint's own, which listens for SIGTERM/SIGINT
+while the app serves. On shutdown new requests get a 503 and open streams run up to
+``drain_timeout``, then end with a final error event and a clean end of the body.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-try:
-    from quart import Blueprint, Response, request
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'llmbridge.openai.quart_blueprint needs Quart: pip install "llmbridge[quart]"'
-    ) from exc
+from quart import Blueprint, Quart, Response, current_app, request
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException
 
-from .._core.engine import Submitter
-from .._core.stream import Stream
-from .._exceptions import LLMBridgeError
-from .._sansio.sse import encode_comment
-from .wire import (
-    ROUTE_METHODS,
-    SSE_HEADERS,
-    ChunkShaper,
-    InvalidRequest,
-    ParsedRequest,
-    Settings,
-    decode_json,
-    error_body,
-    method_not_allowed_body,
-    model_body,
-    models_body,
-    parse_chat,
-    parse_completion,
-    response_body,
-    retry_after_header,
+from .._web.body import StreamBody
+from .._web.drain import Drain, find_engines
+from .routes import (
+    METHODS,
+    REQUEST_ID_HEADER,
+    ROUTES,
+    Call,
+    LLMBridgeError,
+    Reply,
+    Route,
+    Routes,
+    Submitter,
 )
 
 __all__ = ["quart_blueprint"]
 
-_METHODS = ROUTE_METHODS
-_SSE_HEADERS = SSE_HEADERS
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, status=reply.status, headers=Headers(reply.headers))
 
 
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(body, ensure_ascii=False),
-        status=status,
-        mimetype="application/json",
-        headers=headers,
-    )
-
-
-def _error(error: BaseException) -> Response:
-    status, body = error_body(error)
-    return _json(body, status, retry_after_header(error))
-
-
-def _not_allowed(allowed: str) -> Response:
-    return _json(method_not_allowed_body(request.method, allowed), 405, {"Allow": allowed})
-
-
-async def _events(
-    stream: Stream, parsed: ParsedRequest, heartbeat: float | None
-) -> AsyncIterator[bytes]:
-    shaper = ChunkShaper(parsed)
-    channel = stream.channel
+async def _read_body(routes: Routes) -> bytes:
+    reader = routes.reader(request.content_length)
     try:
-        head = shaper.start()
-        if head:
-            yield head
-        while True:
+        async for chunk in request.body:
+            reader.feed(chunk)
+    except HTTPException as exc:  # the app's own MAX_CONTENT_LENGTH, a body timeout
+        raise reader.refused(exc) from None
+    return reader.result()
+
+
+class _Drains:
+    """Which :class:`Drain` counts this blueprint's streams, per app."""
+
+    def __init__(self, submitter: Submitter, options: dict[str, Any]) -> None:
+        self._submitter = submitter
+        self._options = options
+        self._own: weakref.WeakKeyDictionary[Quart, Drain] = weakref.WeakKeyDictionary()
+
+    def of(self, app: Quart) -> Drain | None:
+        """The app's bridge's drain, else ours (``None`` before the app serves)."""
+        try:
+            drain = getattr(app.extensions.get("llmbridge"), "drain", None)
+        except RuntimeError:  # a bridge that can't tell its app apart here
+            drain = None
+        return drain if isinstance(drain, Drain) else self._own.get(app)
+
+    async def serving(self) -> None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        if self.of(app) is not None:
+            return  # a QuartBridge drains the app: it counts our streams too
+        drain = Drain(
+            timeout=self._options["drain_timeout"], retry_after=self._options["retry_after"]
+        )
+        drain.bind(asyncio.get_running_loop(), lambda: find_engines(self._submitter))
+        if self._options["handle_signals"]:
+            drain.install_signal_handlers()
+        self._own[app] = drain
+
+    async def stopping(self) -> None:
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        drain = self._own.pop(app, None)
+        if drain is not None:
             try:
-                text = await channel.anext_text(heartbeat)
-            except StopAsyncIteration:
-                yield shaper.end(channel.completion())
-                return
-            except LLMBridgeError as error:
-                yield shaper.error(error)
-                return
-            yield encode_comment() if text is None else shaper.text(text)
+                await drain.run()
+            finally:
+                drain.restore_signal_handlers()
+
+
+async def _pump(drain: Drain | None, body: StreamBody) -> AsyncIterator[bytes]:
+    if drain is not None:
+        drain.enter()
+        drain.track(body)
+    try:
+        async for chunk in body:
+            yield chunk
     finally:
-        # Quart closes the body when the client leaves: stop the generation.
-        await stream.aclose()
+        if drain is not None:
+            drain.untrack(body)
+            drain.leave()
+        body.close()  # Quart closes the body when the client leaves: stop the generation
+
+
+async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
+    try:
+        call = routes.submit(
+            kind, request.method, await _read_body(routes), request.headers.get(REQUEST_ID_HEADER)
+        )
+    except LLMBridgeError as error:
+        return _response(routes.failure(error))
+    return await _answer(routes, drains, call)
+
+
+async def _answer(routes: Routes, drains: _Drains, call: Call) -> Response:
+    try:
+        with call.closing_on_error():
+            await call.stream.await_started(routes.start_timeout)
+            if not call.streaming:
+                return _response(call.reply(await call.stream.aresult(routes.timeout)))
+    except LLMBridgeError as error:
+        return _response(routes.failure(error, call.stream.id))
+    body = call.body()
+    drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
+    response = Response(
+        _pump(drain, body), content_type=body.media_type, headers=routes.stream_headers(call)
+    )
+    response.timeout = None  # a token stream lasts as long as the generation
+    return response
+
+
+def _view(routes: Routes, drains: _Drains, route: Route) -> Callable[..., Awaitable[Response]]:
+    if route.kind in ("chat", "completion"):
+
+        async def generate() -> Response:
+            return await _generate(routes, drains, route.kind)
+
+        return generate
+
+    async def answer(**args: Any) -> Response:
+        model = args.get("model")
+        return _response(routes.answer(route.kind, request.method, request.path, model))
+
+    return answer
 
 
 def quart_blueprint(
     submitter: Submitter,
     *,
-    settings: Settings | None = None,
     name: str = "llmbridge_openai",
     url_prefix: str = "/v1",
-    heartbeat: float | None = 15.0,
+    drain_timeout: float = 10.0,
+    retry_after: float = 5.0,
+    handle_signals: bool = True,
+    **options: Any,
 ) -> Blueprint:
-    """A Quart blueprint serving ``/v1/chat/completions``, ``/v1/completions`` and
-    ``/v1/models`` over ``submitter`` (an :class:`~llmbridge.Engine` or any
-    :class:`~llmbridge.Submitter`).
+    """A Quart blueprint serving the OpenAI routes over ``submitter``; ``options`` are
+    :class:`~llmbridge._openai.routes.Routes`'s (``settings``, ``heartbeat``,
+    ``start_timeout``, ``timeout``).
 
-    Views never block the event loop: they await the engine. A streamed answer starts
-    only once the first text is out, so an overload or an upstream error still gets its
-    own status; a client that disconnects cancels its request. Every error is an
-    OpenAI-shaped JSON body.
+    Views never block the event loop: they await the engine. An answer starts only once
+    the first text is out (504 past ``start_timeout``), so an overload or an upstream
+    error still gets its own status; a client that disconnects cancels its request. On
+    SIGTERM streams are drained (see the module docstring): ``drain_timeout``,
+    ``retry_after`` and ``handle_signals`` as for :class:`~llmbridge.quart.QuartBridge`.
+    Every error is an OpenAI-shaped JSON body, unknown URLs under the prefix included.
     """
-    settings = settings or Settings()
+    routes = Routes(submitter, **options)
+    drains = _Drains(
+        submitter,
+        {
+            "drain_timeout": drain_timeout,
+            "retry_after": retry_after,
+            "handle_signals": handle_signals,
+        },
+    )
+    Drain(timeout=drain_timeout, retry_after=retry_after)  # check the values now
     bp = Blueprint(name, __name__, url_prefix=url_prefix)
+    bp.before_app_serving(drains.serving)
+    bp.after_app_serving(drains.stopping)
 
-    async def complete(parse: Callable[[Any, Settings], ParsedRequest]) -> Response:
-        if request.method != "POST":
-            return _not_allowed("POST")
-        try:
-            parsed = parse(decode_json(await request.get_data(as_text=False)), settings)
-            stream = submitter.submit(parsed.prompt, **parsed.params)
-        except LLMBridgeError as error:
-            return _error(error)
-        try:
-            if not parsed.stream:
-                return _json(response_body(parsed, await stream.aresult()))
-            await stream.await_started()
-        except LLMBridgeError as error:
-            await stream.aclose()
-            return _error(error)
-        except BaseException:
-            await stream.aclose()
-            raise
-        response = Response(
-            _events(stream, parsed, heartbeat),
-            mimetype="text/event-stream",
-            headers=_SSE_HEADERS,
-        )
-        response.timeout = None  # a token stream lasts as long as the generation
-        return response
+    @bp.before_request
+    async def admit() -> Response | None:
+        drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
+        if drain is not None and not drain.admitting:
+            return _response(routes.failure(drain.refusal()))
+        return None
 
-    @bp.route("/chat/completions", methods=_METHODS)
-    async def chat_completions() -> Response:
-        return await complete(parse_chat)
-
-    @bp.route("/completions", methods=_METHODS)
-    async def completions() -> Response:
-        return await complete(parse_completion)
-
-    @bp.route("/models", methods=_METHODS)
-    async def models() -> Response:
-        if request.method != "GET":
-            return _not_allowed("GET")
-        return _json(models_body(settings))
-
-    @bp.route("/models/<path:model>", methods=_METHODS)
-    async def model(model: str) -> Response:
-        if request.method != "GET":
-            return _not_allowed("GET")
-        body = model_body(settings, model)
-        if body is None:
-            error = InvalidRequest(
-                f"The model '{model}' does not exist.", param="model", code="model_not_found"
-            )
-            _, payload = error_body(error)
-            return _json(payload, 404)
-        return _json(body)
-
+    for route in ROUTES:
+        if route.kind == "not_found" and not url_prefix.strip("/"):
+            continue  # at the root, the app's own 404s stay the app's
+        view = _view(routes, drains, route)
+        bp.add_url_rule(route.rule, route.endpoint, view, methods=METHODS)
     return bp

@@ -1,11 +1,9 @@
-"""The OpenAI wire format, without I/O: request validation and response shaping.
+"""The OpenAI wire format, without I/O: request decoding and validation.
 
-Shared by the Flask and the Quart blueprints (:mod:`llmbridge.openai`) so both accept
-exactly the same requests and answer with exactly the same bytes. Nothing here touches a
-thread, a loop or a framework: a parsed request becomes ``submitter.submit(prompt,
-**params)``, a :class:`~llmbridge.Completion` becomes a response object, and
-:class:`ChunkShaper` turns streamed text into ``chat.completion.chunk`` /
-``text_completion`` SSE events ending with ``data: [DONE]``.
+Shared by the Flask and the Quart routes (:mod:`llmbridge.openai`) so both accept exactly
+the same requests. Nothing here touches a thread, a loop or a framework: a request body
+becomes a :class:`ParsedRequest`, submitted as ``submitter.submit(prompt, **params)``
+(responses are shaped in :mod:`llmbridge._openai.responses`).
 
 The parameters a request is submitted with are the engine's vocabulary, not OpenAI's:
 ``max_new_tokens`` (from ``max_tokens`` / ``max_completion_tokens``), ``temperature``,
@@ -16,35 +14,24 @@ backend can forward them unchanged). Only the ones the client sent are passed on
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .._core.stream import Completion
-from .._exceptions import BadRequest, LLMBridgeError
-from .._sansio.problem import client_detail, retry_after_value
-from .._sansio.sse import encode_event
+from .._exceptions import BadRequest
 
 __all__ = [
     "ChatTemplate",
-    "ChunkShaper",
     "InvalidRequest",
     "ParsedRequest",
     "Settings",
     "decode_json",
-    "error_body",
-    "model_body",
-    "models_body",
     "parse_chat",
     "parse_completion",
     "render_messages",
-    "response_body",
-    "retry_after_header",
-    "ROUTE_METHODS",
-    "SSE_HEADERS",
-    "method_not_allowed_body",
 ]
 
 Kind = Literal["chat", "completion"]
@@ -54,13 +41,22 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 
 
 class InvalidRequest(BadRequest):
-    """A request the OpenAI surface refuses with 400: ``param`` names the culprit field
-    and ``code`` is OpenAI's machine-readable reason (``"invalid_type"``, ...)."""
+    """A request the OpenAI surface refuses (400 unless ``status`` says otherwise: 404,
+    405, 413): ``param`` names the culprit field and ``code`` is OpenAI's
+    machine-readable reason (``"invalid_type"``, ...)."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+    ) -> None:
         super().__init__(message)
         self.param = param
         self.code = code
+        self.status = status
 
 
 def render_messages(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -85,13 +81,15 @@ def _content_text(content: Any) -> str:
 class Settings:
     """What a blueprint accepts: the model names it serves and its input limits.
 
-    ``max_input_chars`` bounds the rendered prompt, ``max_tokens_limit`` the requested
+    ``max_body_bytes`` bounds the request body (larger ones get 413 before they are read
+    whole), ``max_input_chars`` the rendered prompt, ``max_tokens_limit`` the requested
     completion length; ``default_max_tokens`` is submitted when the client gives none
     (``None`` leaves it to the backend).
     """
 
     models: tuple[str, ...] = ("llmbridge",)
     chat_template: ChatTemplate = render_messages
+    max_body_bytes: int = 1 << 20
     max_input_chars: int = 32_000
     max_tokens_limit: int = 4096
     default_max_tokens: int | None = None
@@ -112,18 +110,59 @@ class ParsedRequest:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def decode_json(raw: bytes | str) -> Any:
-    """Parse a request body. Raises :class:`InvalidRequest` for anything but JSON."""
+#: Deeper JSON than this is refused: nothing OpenAI sends nests past a few levels, and
+#: code that walks a value recursively (an encoder, a cache key) must not overflow.
+MAX_JSON_DEPTH = 32
+
+# A \uD800-\uDFFF escape: the only way JSON text that is valid UTF-8 can hold a lone
+# surrogate, which no response (or upstream request) could encode again.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _invalid_json(why: str) -> InvalidRequest:
+    return InvalidRequest(f"The request body is not valid JSON: {why}.", code="invalid_json")
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a request body. Raises :class:`InvalidRequest` for anything but JSON text
+    that nests at most :data:`MAX_JSON_DEPTH` levels and holds no lone surrogate."""
     if not raw.strip():
-        raise InvalidRequest(
-            "The request body is empty: send a JSON object.", param=None, code="invalid_json"
-        )
+        raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
-            f"The request body is not valid JSON: {exc}.", param=None, code="invalid_json"
-        ) from None
+        value = json.loads(raw)
+    except RecursionError:
+        raise _invalid_json(f"it nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # UnicodeDecodeError and too-long numbers included
+        # json's and codecs' messages name a position or a limit, never echo the input.
+        raise _invalid_json(str(exc)[:200]) from None
+    _check_value(value, surrogates=_SURROGATE_ESCAPE.search(raw) is not None)
+    return value
+
+
+def _check_value(value: Any, *, surrogates: bool) -> None:
+    """Walk ``value`` without recursion: refuse deep nesting and lone surrogates."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise _invalid_json(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                if surrogates:
+                    stack.extend((key, depth) for key in item)
+                items: Any = item.values()
+            else:
+                items = item
+            stack.extend((child, depth + 1) for child in items)
+        elif surrogates and isinstance(item, str) and not item.isascii():
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    "The request body holds a lone UTF-16 surrogate (such as \\ud800), "
+                    "which is not text: send valid Unicode.",
+                    code="invalid_unicode",
+                ) from None
 
 
 def _type_name(value: Any) -> str:
@@ -226,6 +265,10 @@ def _common(body: dict[str, Any], settings: Settings, prompt: str, where: str) -
             params[key] = number
     seed = _integer(body, "seed")
     if seed is not None:
+        if not -(2**63) <= seed < 2**64:
+            raise InvalidRequest(
+                "Invalid 'seed': expected a 64-bit integer.", param="seed", code="invalid_value"
+            )
         params["seed"] = seed
     n = _integer(body, "n")
     if n is not None and n != 1:
@@ -388,200 +431,3 @@ def parse_completion(body: Any, settings: Settings) -> ParsedRequest:
         stream=stream,
         include_usage=include_usage,
     )
-
-
-def _usage(completion: Completion) -> dict[str, int]:
-    return {
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.total_tokens,
-    }
-
-
-def _finish_reason(reason: str) -> str:
-    return reason if reason in ("stop", "length", "content_filter", "tool_calls") else "stop"
-
-
-def response_body(parsed: ParsedRequest, completion: Completion) -> dict[str, Any]:
-    """The whole (non-streamed) answer: a ``chat.completion`` or ``text_completion``."""
-    reason = _finish_reason(completion.finish_reason)
-    choice: dict[str, Any]
-    if parsed.kind == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "logprobs": None,
-            "finish_reason": reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": reason}
-        obj = "text_completion"
-    return {
-        "id": parsed.id,
-        "object": obj,
-        "created": parsed.created,
-        "model": parsed.model,
-        "choices": [choice],
-        "usage": _usage(completion),
-    }
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-DONE = encode_event("[DONE]")
-
-
-class ChunkShaper:
-    """Turns one request's streamed text into OpenAI SSE events. Not thread-safe.
-
-    Call :meth:`start` once before the first text (a chat stream opens with the
-    assistant role), :meth:`text` for each chunk, then :meth:`end` with the
-    :class:`~llmbridge.Completion` (the final chunk, the usage chunk when asked, and
-    ``data: [DONE]``) or :meth:`error` (one ``data: {"error": ...}`` event: the
-    official SDKs raise it as ``APIError``).
-    """
-
-    def __init__(self, parsed: ParsedRequest) -> None:
-        self.parsed = parsed
-
-    def _event(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        parsed = self.parsed
-        chunk: dict[str, Any] = {
-            "id": parsed.id,
-            "object": "chat.completion.chunk" if parsed.kind == "chat" else "text_completion",
-            "created": parsed.created,
-            "model": parsed.model,
-            "choices": choices,
-        }
-        if parsed.include_usage:
-            chunk["usage"] = usage
-        return encode_event(_json(chunk))
-
-    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        if self.parsed.kind == "chat":
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-
-    def start(self) -> bytes:
-        """The opening event (chat: the assistant role), or nothing for completions."""
-        if self.parsed.kind != "chat":
-            return b""
-        return self._event(
-            [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
-
-    def text(self, text: str) -> bytes:
-        """One chunk of generated text."""
-        return self._event([self._choice(text, None)])
-
-    def end(self, completion: Completion) -> bytes:
-        """The final chunk, the usage chunk if asked for, and ``data: [DONE]``."""
-        out = self._event([self._choice(None, _finish_reason(completion.finish_reason))])
-        if self.parsed.include_usage:
-            out += self._event([], _usage(completion))
-        return out + DONE
-
-    def error(self, error: BaseException) -> bytes:
-        """An error after the response started: one error event, then the stream ends."""
-        _, body = error_body(error)
-        return encode_event(_json(body))
-
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
-
-
-def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
-    """``(status, {"error": {"message", "type", "param", "code"}})`` for ``error``.
-
-    An :class:`~llmbridge.LLMBridgeError` keeps its own status (429, 503, 502, ...);
-    anything else is a 500 whose message reveals nothing of the exception.
-    """
-    if isinstance(error, InvalidRequest):
-        return 400, {
-            "error": {
-                "message": error.message,
-                "type": "invalid_request_error",
-                "param": error.param,
-                "code": error.code,
-            }
-        }
-    if isinstance(error, LLMBridgeError):
-        status = error.status
-        if status == 429:
-            kind = "rate_limit_error"
-        elif status >= 500:
-            kind = "server_error"
-        else:
-            kind = _TYPES.get(status, "invalid_request_error")
-        return status, {
-            "error": {
-                "message": client_detail(error),
-                "type": kind,
-                "param": None,
-                "code": _snake(type(error).__name__),
-            }
-        }
-    return 500, {
-        "error": {
-            "message": "The server failed to handle the request.",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-        }
-    }
-
-
-def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
-
-
-def models_body(settings: Settings) -> dict[str, Any]:
-    """The ``/v1/models`` list."""
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": settings.owned_by}
-            for name in settings.models
-        ],
-    }
-
-
-def model_body(settings: Settings, model: str) -> dict[str, Any] | None:
-    """One ``/v1/models/{model}`` entry, or ``None`` if this server doesn't serve it."""
-    if model not in settings.models:
-        return None
-    return {"id": model, "object": "model", "created": 0, "owned_by": settings.owned_by}
-
-
-#: Every method the routes answer, so a wrong one gets an OpenAI-shaped 405, not HTML.
-ROUTE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def method_not_allowed_body(method: str, allowed: str) -> dict[str, Any]:
-    """The OpenAI-shaped body of a 405 for ``method`` where only ``allowed`` is served."""
-    return {
-        "error": {
-            "message": f"Method {method} is not allowed here; use {allowed}.",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "method_not_allowed",
-        }
-    }
-
-
-def retry_after_header(error: BaseException) -> dict[str, str]:
-    """``Retry-After`` for an error that has one (whole seconds, rounded up)."""
-    after = retry_after_value(error)
-    return {} if after is None else {"Retry-After": after}

@@ -13,7 +13,13 @@ from typing import Any
 
 from .._exceptions import MAX_RETRY_AFTER, LLMBridgeError
 
-__all__ = ["client_detail", "problem", "problem_headers", "retry_after_value"]
+__all__ = [
+    "client_detail",
+    "problem",
+    "problem_headers",
+    "problem_status",
+    "retry_after_value",
+]
 
 
 def client_detail(error: BaseException, request_id: str | None = None) -> str:
@@ -36,13 +42,14 @@ def problem(error: BaseException, request_id: str | None = None) -> dict[str, An
     if isinstance(error, LLMBridgeError):
         body: dict[str, Any] = {
             "type": "about:blank",
-            "title": error.title,
-            "status": error.status,
+            "title": str(error.title),
+            "status": problem_status(error),
             "detail": client_detail(error, request_id),
             "error": type(error).__name__,
         }
-        if error.retry_after is not None:
-            body["retry_after"] = error.retry_after
+        after = _finite(error.retry_after)
+        if after is not None:
+            body["retry_after"] = after
     else:
         body = {
             "type": "about:blank",
@@ -56,19 +63,33 @@ def problem(error: BaseException, request_id: str | None = None) -> dict[str, An
     return body
 
 
-def retry_after_value(error: BaseException) -> str | None:
-    """The ``Retry-After`` header value for ``error`` (whole seconds, rounded up), if any.
-    Never raises: a value that is not a finite number is clamped or dropped."""
-    after = getattr(error, "retry_after", None)
-    if after is None:
+def problem_status(error: BaseException) -> int:
+    """The HTTP status to answer ``error`` with: its ``status`` when that is an error
+    status (400-599), else 500. Never raises."""
+    status = getattr(error, "status", 500) if isinstance(error, LLMBridgeError) else 500
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        return 500
+    return status
+
+
+def _finite(after: object) -> float | None:
+    # Seconds clamped to [0, MAX_RETRY_AFTER]; None for what is not a number at all.
+    if after is None or isinstance(after, bool):
         return None
     try:
-        seconds = float(after)
+        seconds = float(after)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return None
     if math.isnan(seconds):
         return None
-    return str(math.ceil(min(max(seconds, 0.0), MAX_RETRY_AFTER)))
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def retry_after_value(error: BaseException) -> str | None:
+    """The ``Retry-After`` header value for ``error`` (whole seconds, rounded up), if any.
+    Never raises: a value that is not a finite number is clamped or dropped."""
+    seconds = _finite(getattr(error, "retry_after", None))
+    return None if seconds is None else str(math.ceil(seconds))
 
 
 def problem_headers(error: BaseException) -> dict[str, str]:

@@ -21,6 +21,7 @@ __all__ = [
     "encode_done",
     "encode_error",
     "encode_event",
+    "dumps",
 ]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -63,8 +64,19 @@ def encode_comment(text: str = "") -> bytes:
     return ("".join(f": {line}\n" if line else ":\n" for line in lines) + "\n").encode()
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def dumps(value: Any) -> str:
+    """Compact JSON for the wire. Never fails to encode: a lone surrogate (which UTF-8
+    can't carry) is written as a ``\\ud800`` escape instead of breaking the response."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = json.dumps(value, separators=(",", ":"))
+    return text
+
+
+_json = dumps
 
 
 def encode_chunk(text: str) -> bytes:

@@ -1,15 +1,18 @@
 """Response bodies over a :class:`~llmbridge.Stream`, shared by every integration.
 
-:class:`StreamBody` turns a stream into bytes (SSE events or plain text) for a server to
-send, as a sync iterable (a WSGI server's thread) and an async one (an ASGI server's
-loop). Closing it (a WSGI ``close()``, a client disconnect) cancels the request.
+:class:`StreamBody` is the one stream → bytes loop: Flask's and Quart's bridges and the
+OpenAI routes all answer with one, and a :class:`~llmbridge._sansio.framing.Framer`
+decides what its bytes look like (SSE events, plain text, OpenAI chunks). It reads as a
+sync iterable (a WSGI server's thread) and as an async one (an ASGI server's loop).
+Closing it (a WSGI ``close()``, a client disconnect) cancels the request.
 
 Servers that can pump a body on their event loop instead of holding a thread for it
 advertise it through the WSGI environ key :data:`ASYNC_BODY_KEY`, in the spirit of
 ``wsgi.file_wrapper``: ``environ[ASYNC_BODY_KEY](body)`` returns an iterable the app must
 return unchanged (werkzeug: ``Response(..., direct_passthrough=True)``), and the server
-then iterates ``body`` with ``async for`` on its loop. Under any other server the body is
-an ordinary iterable.
+then awaits the first output (up to ``body.start_timeout``; a failure is answered with
+``body.error_response(error)``) and iterates ``body`` with ``async for`` on its loop.
+Under any other server the body is an ordinary iterable.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from typing import Literal
 
 from .._core.stream import Stream
 from .._exceptions import Cancelled, LLMBridgeError
-from .._sansio.problem import problem
-from .._sansio.sse import encode_chunk, encode_comment, encode_done, encode_error
+from .._sansio.framing import Framer, Reply, SSEFramer, TextFramer
 
 __all__ = ["ASYNC_BODY_KEY", "BodyFormat", "StreamBody"]
 
@@ -28,20 +30,25 @@ ASYNC_BODY_KEY = "llmbridge.async_body"
 
 BodyFormat = Literal["sse", "text"]
 
+# A stream's end, as each read raises it.
+_End = (StopIteration, StopAsyncIteration, LLMBridgeError)
+
 
 class StreamBody:
     """The bytes of one streamed response, readable from a thread or a coroutine.
 
-    ``start_timeout`` is for servers that await the first output on their loop (see
-    :data:`ASYNC_BODY_KEY`): past it they answer :class:`~llmbridge.Timeout` (504).
+    ``framer`` says what the bytes look like; without one, ``format`` picks a built-in:
+    ``"sse"`` (each chunk an event ``data: {"text": ...}``, a comment every
+    ``heartbeat`` seconds of silence, at the end ``event: done`` with finish reason and
+    usage or ``event: error`` with a problem object) or ``"text"`` (the raw UTF-8 chunks;
+    an error ends the body by raising, so the server drops the connection).
 
-    ``format="sse"``: each chunk is an event ``data: {"text": ...}``; a comment every
-    ``heartbeat`` seconds of silence; at the end ``event: done`` with finish reason and
-    usage, or ``event: error`` with a problem object. ``format="text"``: the raw UTF-8
-    chunks; an error ends the body by raising (the server drops the connection).
+    ``start_timeout`` is for servers that await the first output on their loop (see
+    :data:`ASYNC_BODY_KEY`): past it they answer :class:`~llmbridge.Timeout` (504) with
+    :meth:`error_response`.
 
     One consumer at a time. :meth:`close` / :meth:`aclose` cancel the request if it is
-    still running; they are idempotent, and ``on_close`` runs once.
+    still running; they are idempotent, thread-safe, and ``on_close`` runs once.
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class StreamBody:
         stream: Stream,
         *,
         format: BodyFormat = "sse",
+        framer: Framer | None = None,
         heartbeat: float | None = 15.0,
         start_timeout: float | None = None,
         on_close: Callable[[], None] | None = None,
@@ -57,9 +65,13 @@ class StreamBody:
             raise ValueError(f"format must be 'sse' or 'text', got {format!r}")
         if heartbeat is not None and heartbeat <= 0:
             raise ValueError(f"heartbeat must be > 0 or None, got {heartbeat!r}")
+        if framer is None:
+            # The request id lets the client point at the log line that holds the details.
+            framer = (SSEFramer if format == "sse" else TextFramer)(request_id=stream.id)
         self.stream = stream
         self.format = format
-        self.heartbeat = heartbeat if format == "sse" else None
+        self.framer = framer
+        self.heartbeat = heartbeat if framer.heartbeats else None
         #: How long a server that awaits the first output itself (``ASYNC_BODY_KEY``)
         #: may wait before answering 504; ``None``: no limit.
         self.start_timeout = start_timeout
@@ -69,82 +81,66 @@ class StreamBody:
     @property
     def media_type(self) -> str:
         """The response's content type."""
-        return "text/event-stream" if self.format == "sse" else "text/plain; charset=utf-8"
+        return self.framer.media_type
 
-    def _chunk(self, text: str) -> bytes:
-        return encode_chunk(text) if self.format == "sse" else text.encode()
-
-    def _end(self) -> bytes:
-        completion = self.stream.channel.completion()
-        return encode_done(
-            {
-                "id": completion.id,
-                "finish_reason": completion.finish_reason,
-                "usage": {
-                    "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": completion.completion_tokens,
-                    "total_tokens": completion.total_tokens,
-                },
-            }
-        )
-
-    def _error(self, error: BaseException) -> bytes:
-        return encode_error(problem(error))
+    def error_response(self, error: BaseException) -> Reply:
+        """The whole response for ``error`` when it happens before the first byte (a
+        server that awaited the first output answers with it). Never raises."""
+        return self.framer.error_response(error)
 
     def _frame(self, text: str | None) -> bytes:
-        """The bytes for one read: a chunk, or a heartbeat comment after silence."""
-        return encode_comment() if text is None else self._chunk(text)
+        """The bytes for one read: a chunk, or a heartbeat after silence."""
+        return self.framer.heartbeat() if text is None else self.framer.text(text)
 
-    def _last(self, error: LLMBridgeError | None) -> bytes | None:
-        """The body's last bytes once the stream ended (``error``: how it failed): the
-        ``done`` or ``error`` event. Re-raises what a text body or a closed one can't
-        frame, so the server drops the connection."""
-        if error is None:
-            return self._end() if self.format == "sse" else None
-        if self.format == "text" or (self._closed and isinstance(error, Cancelled)):
-            raise error
-        return self._error(error)
+    def _last(self, end: BaseException) -> bytes:
+        """The body's last bytes once the stream ended (``end``: the stop or the error
+        its read raised). Re-raises what the framer can't say, or a cancellation we made
+        ourselves by closing, so the server drops the connection."""
+        if not isinstance(end, LLMBridgeError):
+            return self.framer.end(self.stream.channel.completion())
+        last = None if self._closed and isinstance(end, Cancelled) else self.framer.error(end)
+        if last is None:
+            raise end
+        return last
 
     # The two loops are twins: only how they wait for text differs.
 
     def __iter__(self) -> Iterator[bytes]:
-        channel = self.stream.channel
+        read = self.stream.channel.next_text
         try:
+            out = self.framer.head()
             while True:
+                if out:
+                    yield out
                 try:
-                    text = channel.next_text(self.heartbeat)
-                except StopIteration:
-                    last = self._last(None)
+                    out = self._frame(read(self.heartbeat))
+                except _End as end:
+                    last = self._last(end)
                     break
-                except LLMBridgeError as error:
-                    last = self._last(error)
-                    break
-                yield self._frame(text)
-            if last is not None:
+            if last:
                 yield last
         finally:
             self.close()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        channel = self.stream.channel
+        read = self.stream.channel.anext_text
         try:
+            out = self.framer.head()
             while True:
+                if out:
+                    yield out
                 try:
-                    text = await channel.anext_text(self.heartbeat)
-                except StopAsyncIteration:
-                    last = self._last(None)
+                    out = self._frame(await read(self.heartbeat))
+                except _End as end:
+                    last = self._last(end)
                     break
-                except LLMBridgeError as error:
-                    last = self._last(error)
-                    break
-                yield self._frame(text)
-            if last is not None:
+            if last:
                 yield last
         finally:
             self.close()
 
     def close(self) -> None:
-        """Stop: cancels the request if it is still running. Idempotent."""
+        """Stop: cancels the request if it is still running. Idempotent; never blocks."""
         if self._closed:
             return
         self._closed = True
