@@ -2,9 +2,10 @@
 
 ``/body/<accessor>`` (a sync view) and ``/abody/<accessor>`` (an ``async def`` view,
 run on the bridge's background loop) echo the request body read through one of Flask's
-accessors. ``/unknown`` streams from an engine the adapter is not told about, iterated
-on the worker thread as under a WSGI middleware that wraps the response: only the
-drain's own record of open bodies can end it.
+accessors. ``/v1/chat/completions`` is the OpenAI blueprint. ``/unknown`` streams from
+an engine the adapter is not told about, iterated on the worker thread as under a WSGI
+middleware that wraps the response: only the drain's own record of open bodies can end
+it.
 
 Environment: ``ASGI_TEST_WORKERS`` (thread pool size, 4), ``ASGI_TEST_DRAIN`` (drain
 timeout, 2 s), ``ASGI_TEST_STEP`` (engine step time, 0.01 s), ``ASGI_TEST_SHUTDOWN_FILE``
@@ -25,6 +26,7 @@ from flask import Flask, Response, jsonify, request
 from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 from llmbridge.asgi import to_asgi
 from llmbridge.flask import FlaskBridge
+from llmbridge.openai import flask_blueprint
 from llmbridge.testing import simulated_engine
 
 engine = simulated_engine(
@@ -34,6 +36,9 @@ engine = simulated_engine(
 )
 flask_app = Flask(__name__)
 bridge = FlaskBridge(flask_app, engine=engine, heartbeat=None)
+# /v1: the OpenAI routes over the same engine; their streams reach the adapter as
+# StreamBody through ASYNC_BODY_KEY, like bridge.sse().
+flask_app.register_blueprint(flask_blueprint(engine))
 closes: dict[str, int] = {}
 
 

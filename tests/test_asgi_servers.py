@@ -315,19 +315,69 @@ def test_uvicorn_script_name_environment_variable_mounts_the_app() -> None:
 async def test_gunicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_know(
     shutdown_file: Path,
 ) -> None:
-    """gunicorn -k uvicorn_worker.UvicornWorker: the same as under uvicorn, a body the
-    drain only knows from ASYNC_BODY_KEY ends with event: error; the workers exit 0."""
+    """gunicorn -k uvicorn_worker.UvicornWorker: as under uvicorn, a body the drain only
+    knows from ASYNC_BODY_KEY ends with event: error, and a /v1 stream with OpenAI's
+    error event; the workers exit 0."""
     env = {"ASGI_TEST_SHUTDOWN_FILE": str(shutdown_file), "ASGI_TEST_DRAIN": "1"}
     with run_server(gunicorn_args(), port=free_port(), env=env, ready_timeout=60) as server:
         async with httpx.AsyncClient(timeout=30) as client:
+            v1: list[Any] = []
+
+            async def v1_stream() -> None:
+                v1.extend(await read_v1_until_signal(client, server.url, server))
+
             got: list[ServerSentEvent] = []
             decoder = SSEDecoder()
-            async with client.stream("GET", f"{server.url}/unknown?prompt=g") as response:
-                assert response.status_code == 200
-                async for chunk in response.aiter_bytes():
-                    got.extend(decoder.feed(chunk))
-                    if len(got) == 1:
-                        server.proc.send_signal(signal.SIGTERM)
+
+            async def unknown_stream() -> None:
+                url = f"{server.url}/unknown?prompt=g"
+                async with client.stream("GET", url) as response:
+                    assert response.status_code == 200
+                    async for chunk in response.aiter_bytes():
+                        got.extend(decoder.feed(chunk))
+                        if len(got) == 1:
+                            server.proc.send_signal(signal.SIGTERM)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(unknown_stream)
+                tg.start_soon(v1_stream)
         assert got[-1].event == "error", got[-3:]
         assert got[-1].json()["error"] == "EngineClosed"
+        assert "error" in v1[-1], v1[-3:]
         assert server.proc.wait(30) == 0
+
+
+V1_STREAM = {
+    "model": "llmbridge",
+    "stream": True,
+    "max_tokens": 4000,
+    "messages": [{"role": "user", "content": "drain me"}],
+}
+
+
+async def read_v1_until_signal(client: httpx.AsyncClient, url: str, server: Server) -> list[Any]:
+    """Stream a /v1 chat completion, SIGTERM the server after its first event; the
+    events' JSON (``[DONE]`` as the string)."""
+    events: list[Any] = []
+    decoder = SSEDecoder()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=V1_STREAM) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_bytes():
+            for event in decoder.feed(chunk):
+                events.append("[DONE]" if event.data == "[DONE]" else event.json())
+                if len(events) == 1:
+                    server.proc.send_signal(signal.SIGTERM)
+    return events
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_sigterm_ends_a_v1_stream_with_its_final_error_event(
+    uvicorn: Server,
+) -> None:
+    """A /v1 chat stream open at SIGTERM ends with OpenAI's error event and a clean end
+    of the body (no cut connection); the server exits."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await read_v1_until_signal(client, uvicorn.url, uvicorn)
+    assert "error" in events[-1], events[-3:]
+    assert events[-1]["error"]["message"]
+    assert uvicorn.proc.wait(20) is not None
