@@ -736,6 +736,34 @@ async def test_a_queued_wsgi_call_starts_without_waiting_for_the_loop() -> None:
     assert sorted(r.status for r in responses) == [200, 500]
 
 
+async def test_a_body_that_came_with_the_request_is_read_without_the_loop() -> None:
+    """A body whose one message arrived with the request (most POSTs) is in wsgi.input
+    already: the app reads it while the loop is busy, holding its thread no longer."""
+    entered = threading.Event()
+    go = threading.Event()
+    done_reading = threading.Event()
+    got: list[bytes] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        entered.set()
+        go.wait(10)
+        got.append(environ["wsgi.input"].read())
+        done_reading.set()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    responses: list[Any] = []
+    adapter = to_asgi(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _append(responses, request(adapter, "POST", body=[b'{"a": 1}'])))
+        assert await anyio.to_thread.run_sync(entered.wait, 10)
+        go.set()
+        # The loop is blocked here: a read that needed it could not finish.
+        assert done_reading.wait(10), "wsgi.input went back to the loop for a body it had"
+    assert got == [b'{"a": 1}']
+    assert responses[0].status == 200
+
+
 async def _append(into: list[Any], awaitable: Any) -> None:
     into.append(await awaitable)
 

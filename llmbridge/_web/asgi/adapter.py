@@ -45,7 +45,7 @@ from ..body import ASYNC_BODY_KEY
 from ..drain import Drain, as_hooks, call_hook, engines_of
 from .environ import DEFAULT_DUPLICATE_HEADER_LIMIT, build_environ, mount_prefix
 from .input import LoopPortal, WSGIInput, pump_input
-from .response import AsyncBody, ClientDisconnected, Exchange, send_problem
+from .response import AsyncBody, ClientDisconnected, Exchange, send_problem, send_reply
 
 __all__ = ["WSGIMiddleware", "to_asgi"]
 
@@ -239,25 +239,35 @@ class WSGIMiddleware:
             return
         portal = LoopPortal()
         exchange = Exchange(send, portal, self.drain.track, self.drain.untrack)
-        chunks_in, chunks_out = anyio.create_memory_object_stream[bytes](self.input_buffer)
         try:
             environ = build_environ(
                 scope,
-                WSGIInput(chunks_out, portal),
+                None,
                 script_name=self.script_name,
                 duplicate_header_limit=self.duplicate_header_limit,
             )
         except LLMBridgeError as error:  # too many headers: the app never sees it
-            chunks_in.close()
-            chunks_out.close()
             await send_problem(send, error)
             return
+        # The first body message (a GET's empty one, most POSTs' whole body) is already
+        # here: hand it to wsgi.input directly. The app's reads then need no round trip
+        # to a loop that thousands of streams keep busy (it held pool threads for /v1).
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client left before the app started: nobody to answer
+        complete = not message.get("more_body", False)
+        chunks_in, chunks_out = anyio.create_memory_object_stream[bytes](self.input_buffer)
+        environ["wsgi.input"] = WSGIInput(
+            chunks_out, portal, first=message.get("body", b""), complete=complete
+        )
         environ[ASYNC_BODY_KEY] = exchange.async_body
         failure: BaseException | None = None
         self.drain.enter()
         # A plain task, not an anyio task group: per request, anyio's group and cancel
         # scopes were a measurable share of the loop's time at thousands of streams.
-        watcher = asyncio.ensure_future(pump_input(receive, chunks_in, exchange.set_disconnected))
+        watcher = asyncio.ensure_future(
+            pump_input(receive, chunks_in, exchange.set_disconnected, body_done=complete)
+        )
         try:
             handle: AsyncBody | None = None
             try:
@@ -352,7 +362,8 @@ class WSGIMiddleware:
                 await body.stream.await_started(body.start_timeout)
             except LLMBridgeError as error:  # Timeout included: it cancelled the job
                 if not exchange.client_gone():
-                    await send_problem(exchange.raw_send, error)
+                    # In the body's own shape (problem+json, OpenAI's error under /v1).
+                    await send_reply(exchange.raw_send, body.error_response(error))
                 return
             chunks = body.__aiter__()
             try:

@@ -63,11 +63,20 @@ class WSGIInput:
     reader at a time (PEP 3333: the app's).
     """
 
-    def __init__(self, chunks: MemoryObjectReceiveStream[bytes], portal: LoopPortal) -> None:
+    def __init__(
+        self,
+        chunks: MemoryObjectReceiveStream[bytes],
+        portal: LoopPortal,
+        *,
+        first: bytes = b"",
+        complete: bool = False,
+    ) -> None:
         self._chunks = chunks
         self._portal = portal
-        self._buffer = bytearray()
-        self._eof = False
+        # The first chunk came with the request (``complete``: it was all of it), so a
+        # small body is read without going back to the loop.
+        self._buffer = bytearray(first)
+        self._eof = complete
 
     def _fill(self) -> bool:
         if self._eof:
@@ -140,11 +149,16 @@ async def pump_input(
     receive: Receive,
     chunks: MemoryObjectSendStream[bytes],
     on_disconnect: Callable[[], None],
+    *,
+    body_done: bool = False,
 ) -> None:
     """Move the request body from ``receive`` into ``wsgi.input``, then watch for the
     client going away (``on_disconnect``). Waits (bounded buffer) while the app doesn't
-    read; once the app stopped reading (the stream closed) the rest is dropped."""
-    dropping = False
+    read; once the app stopped reading (the stream closed) the rest is dropped.
+    ``body_done``: the body already ended (only watch for the disconnect)."""
+    dropping = body_done
+    if body_done:
+        chunks.close()
     with chunks:
         while True:
             message = await receive()

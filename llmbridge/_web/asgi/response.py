@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from types import TracebackType
 from typing import Any
 
+from ..._sansio.framing import Reply
 from ..._sansio.problem import problem, retry_after_value
 from ..body import ASYNC_BODY_KEY, StreamBody
 from .input import LoopPortal
 
-__all__ = ["AsyncBody", "ClientDisconnected", "Exchange", "send_problem"]
+__all__ = ["AsyncBody", "ClientDisconnected", "Exchange", "send_problem", "send_reply"]
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -254,4 +255,14 @@ async def send_problem(send: Send, error: BaseException) -> None:
     if retry_after is not None:
         headers.append((b"retry-after", retry_after.encode()))
     await send({"type": "http.response.start", "status": body["status"], "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    """Send a whole :class:`~llmbridge._sansio.framing.Reply` (a body's own error shape:
+    problem+json, or OpenAI's error object under ``/v1``)."""
+    data = reply.body
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    headers.append((b"content-length", str(len(data)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
