@@ -34,6 +34,11 @@ ALLOWED: dict[str, set[str]] = {
         *("_exceptions", "_sansio", "_core", "_runtime", "_policies", "_backends", "_web"),
         "_openai",
     },
+    # The command line sits on top: it drives the public API (and may reach any layer).
+    "_cli": {
+        *("_exceptions", "_sansio", "_core", "_runtime", "_policies", "_backends", "_web"),
+        *("_openai", "_cli", "public"),
+    },
 }
 # The bottom layers are I/O-free or nearly: the standard library, and anyio for _core.
 THIRD_PARTY: dict[str, set[str]] = {"_exceptions": set(), "_sansio": set(), "_core": {"anyio"}}
@@ -64,8 +69,8 @@ def modules() -> dict[str, Path]:
 def layer(module: str) -> str:
     """``_core`` for ``llmbridge._core.engine``, ``public`` for ``llmbridge.flask``."""
     parts = module.split(".")
-    if len(parts) == 1 or not parts[1].startswith("_"):
-        return "public"
+    if len(parts) == 1 or not parts[1].startswith("_") or parts[1].startswith("__"):
+        return "public"  # llmbridge, llmbridge.flask, llmbridge.__main__
     return parts[1]
 
 
