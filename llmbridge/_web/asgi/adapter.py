@@ -3,29 +3,31 @@
 Each request's WSGI call (the app, then the iteration of its body, then ``close()``)
 runs in one worker thread from a bounded pool (a
 :class:`~concurrent.futures.ThreadPoolExecutor` of ``workers`` threads), in one copy of
-the request's contextvars. The request body
-reaches ``wsgi.input`` chunk by chunk through a small bounded buffer; response chunks go
+the request's contextvars. The request body's first message is handed to ``wsgi.input``
+with the call (most bodies are that one message: reading them needs no trip back to the
+loop); the rest comes chunk by chunk through a small bounded buffer. Response chunks go
 out as the app produces them, one at a time, so a slow client slows the app instead of
 filling memory.
 
 A view that streams a :class:`~llmbridge._web.body.StreamBody` can give its thread back:
 the adapter offers ``environ[ASYNC_BODY_KEY]``, and when the app returns what that
 callable made, the worker thread is released and the body is pumped with ``async for``
-on the event loop. A client disconnect cancels the pump, which closes the body and
-cancels the engine job. The iterable's ``close()`` is called exactly once whatever
+on the event loop. A client disconnect closes the body, which cancels the engine job
+and ends the pump. The iterable's ``close()`` is called exactly once whatever
 happens.
 
-Known differences from ``asgiref.wsgi.WsgiToAsgi`` and ``a2wsgi.WSGIMiddleware`` (their
-own test suites run against this class in ``.ci/adapter_upstream.sh``):
+Known differences from ``asgiref.wsgi.WsgiToAsgi`` and ``a2wsgi.WSGIMiddleware``: their
+own ``tests/test_wsgi.py`` run against this class in ``.ci/adapter_upstream.sh``, and
+these are the tests that fail there (docs/howto/deploy.md says the same):
 
-- a body longer than its ``Content-Length`` is cut at the declared length and its
-  iteration stops (PEP 3333); asgiref sends what the app yields;
-- response headers may be lists as well as tuples (werkzeug does the same), but a name
-  or value that isn't ``str``, or holds CR/LF, is a 500 problem, not a pass-through;
-- too many duplicates of one request header is a 431 problem+json (asgiref raises);
-- ``script_name`` / ``$SCRIPT_NAME`` strips the prefix from ``PATH_INFO`` when the path
-  starts with it (gunicorn's rule, for a proxy that keeps the prefix); a2wsgi only
-  sets ``SCRIPT_NAME`` and keeps the prefix in ``PATH_INFO``.
+- an empty chunk from the app is not sent as a message;
+- a one-chunk body (a list of one ``bytes``) gets a ``Content-Length``;
+- too many duplicates of one request header is a 431 problem+json (asgiref: 400 text);
+- ``start_response(..., exc_info)`` before any byte sends the app's error response
+  (PEP 3333), where a2wsgi re-raises;
+- ``wsgi.errors`` is stderr (a2wsgi: stdout) and ``wsgi.input_terminated`` is set;
+- ``script_name`` / ``$SCRIPT_NAME`` also strips the prefix from ``PATH_INFO`` when the
+  path starts with it (gunicorn's rule); a2wsgi keeps it there.
 """
 
 from __future__ import annotations
