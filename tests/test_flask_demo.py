@@ -11,8 +11,7 @@ import pytest
 from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
-from conftest import wait_until
-from support import PYTHON, ROOT, free_port, run_server
+from support import PYTHON, ROOT, free_port, run_server, wait_until
 
 
 @pytest.mark.timeout(90)
