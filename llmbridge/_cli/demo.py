@@ -9,6 +9,7 @@ final ``event: error``) and exits 130, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -166,8 +167,9 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, backlog=128)
     except OSError as exc:
-        hint = " (--port 0 picks a free one)" if exc.errno == 98 else ""
-        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (--port 0 picks a free one)" if exc.errno == errno.EADDRINUSE else ""
+        raise CommandError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
 
 
 def _say(text: str) -> None:
