@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  The engine is simulated: a stand-in model that streams filler words, one every\n"
         f"  {step * 1000:.0f} ms, so the text is not meant to make sense. Plug in a real one with\n"
-        f"  create_app(engine=Engine(...)): see docs/howto/backends.md.\n"
+        f"  create_app(engine=Engine(...)): see docs/howto/start_local_model.md.\n"
         f"  Try: curl -N '{base}/v1/stream?prompt=Hello&max_tokens=16'",
         flush=True,
     )
@@ -236,8 +236,12 @@ def run(args: argparse.Namespace) -> int:
             break
     status = 0
     if tracked.count:
-        status = 130 if interrupts.second.is_set() else 0
-        _say(f"stopping now: ending {_plural(tracked.count, 'open stream')}")
+        ending = f"ending {_plural(tracked.count, 'open stream')}"
+        if interrupts.second.is_set():
+            status = 130
+            _say(f"stopping now: {ending}")
+        else:
+            _say(f"the drain timeout ({args.drain_timeout:g} s) passed: {ending}")
     # Close on a helper thread: a third Ctrl-C still finds the main thread free, and
     # the engine's close(0) ends what is left with EngineClosed (a final error event).
     closing = threading.Thread(target=_close, args=(bridge, tracked), daemon=True)
