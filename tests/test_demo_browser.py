@@ -18,7 +18,7 @@ import pytest
 
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, ROOT, Server, free_port, run_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,3 +158,22 @@ def test_leave_early_cancels_the_job_and_the_stats_show_it(browser: Any) -> None
         assert card["text"], card
         assert expected.startswith(card["text"]), card
         assert len(card["text"]) < len(expected)
+
+
+def test_ci_installs_chromium_after_the_readme_command_and_runs_this_file() -> None:
+    """.ci/run gets Debian's chromium and chromium-driver and selenium only after the
+    README's test command (a fresh clone needs no browser), then runs this file with
+    CI=true, so a missing browser fails there instead of skipping."""
+    script = (ROOT / ".ci" / "run").read_text()
+    code = [line.strip() for line in script.splitlines() if not line.strip().startswith("#")]
+
+    def first(fragment: str) -> int:
+        found = [i for i, line in enumerate(code) if fragment in line]
+        assert found, fragment
+        return found[0]
+
+    readme = first("python -m pytest")
+    assert first("export CI=") < readme
+    assert readme < first("apt_install chromium chromium-driver")
+    assert readme < first('pip install -q "selenium')
+    assert first('pip install -q "selenium') < first("tests/test_demo_browser.py")

@@ -2,7 +2,8 @@
 
 Endpoints:
 
-* ``GET  /``              a page streaming several completions side by side (SSE)
+* ``GET  /``              a page streaming several completions side by side (SSE), with
+  a timeline, a "leave early" button per card, the stats and a curl line per endpoint
 * ``POST /v1/complete``   JSON in, JSON out: ``{"prompt": ..., "max_tokens": 32}``
 * ``GET|POST /v1/stream`` server-sent events (``GET ?prompt=...`` for ``EventSource``)
 * ``POST /v1/answer``     an ``async def`` view: fetches context over HTTP with one

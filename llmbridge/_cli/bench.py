@@ -166,7 +166,10 @@ def plot(tables: list[Table], title: str, path: Path) -> None:
         values = [_number(row[i]) or 0.0 for row in table.rows]
         ax.bar(range(len(values)), values, color="#4a7fd6")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(table.header[i], fontsize=10)
+        title = table.header[i]
+        if table.header.count(title) > 1:  # "p50 ms" twice: say which one
+            title = f"{title} (next to {table.header[i - 1]})"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(table.header[0], fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
