@@ -87,17 +87,11 @@ class _Drains:
                 drain.restore_signal_handlers()
 
 
-async def _pump(drain: Drain | None, body: StreamBody) -> AsyncIterator[bytes]:
-    if drain is not None:
-        drain.enter()
-        drain.track(body)
+async def _unmanaged(body: StreamBody) -> AsyncIterator[bytes]:
     try:
         async for chunk in body:
             yield chunk
     finally:
-        if drain is not None:
-            drain.untrack(body)
-            drain.leave()
         body.close()  # Quart closes the body when the client leaves: stop the generation
 
 
@@ -122,7 +116,9 @@ async def _answer(routes: Routes, drains: _Drains, call: Call) -> Response:
     body = call.body()
     drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
     response = Response(
-        _pump(drain, body), content_type=body.media_type, headers=routes.stream_headers(call)
+        _unmanaged(body) if drain is None else drain.pump(body),
+        content_type=body.media_type,
+        headers=routes.stream_headers(call),
     )
     response.timeout = None  # a token stream lasts as long as the generation
     return response
