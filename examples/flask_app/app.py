@@ -118,7 +118,10 @@ def create_app(config: dict[str, Any] | None = None, *, engine: Submitter | None
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or :class:`llmbridge.BadRequest`."""
-    body = request.get_json(silent=True, force=True)
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:  # `silent` covers malformed JSON, not JSON nested too deep
+        raise BadRequest("the body nests too deeply: send a flat JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object, like {"prompt": "Hello"}')
     return body
