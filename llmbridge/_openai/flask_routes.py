@@ -101,7 +101,9 @@ def _generate(routes: Routes, kind: str) -> flask.Response:
             call.stream.wait_started(routes.start_timeout)
             if call.streaming:
                 return _stream(routes, call)
-            return _response(call.reply(call.stream.result(routes.timeout)))
+            completion = call.stream.result(routes.timeout)
+            routes.charge_blocking(principal, completion.total_tokens)
+            return _response(call.reply(completion))
     except LLMBridgeError as error:
         return _response(routes.failure(error, call.stream.id))
 

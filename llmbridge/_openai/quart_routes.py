@@ -153,7 +153,9 @@ async def _answer(routes: Routes, drains: _Drains, call: Call) -> Response:
         with call.closing_on_error():
             await call.stream.await_started(routes.start_timeout)
             if not call.streaming:
-                return _response(call.reply(await call.stream.aresult(routes.timeout)))
+                completion = await call.stream.aresult(routes.timeout)
+                await routes.acharge(call.principal, completion.total_tokens)
+                return _response(call.reply(completion))
     except LLMBridgeError as error:
         return _response(routes.failure(error, call.stream.id))
     body = call.body()

@@ -210,7 +210,6 @@ class Call:
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
-        self.routes.charge(self.principal, completion.total_tokens)
         return Reply.json(response_body(self.parsed, completion), headers=headers)
 
     def body(self) -> StreamBody:
@@ -351,10 +350,21 @@ class Routes:
             spawn(self.admit(principal)).result(30)
 
     def charge(self, principal: Principal | None, tokens: int) -> None:
-        """Add a finished request's tokens to ``principal``'s budgets. Never blocks (the
-        store is written on the background loop) and never raises."""
+        """Add a finished stream's tokens to ``principal``'s budgets. Never blocks (the
+        store is written on the background loop, a moment later) and never raises."""
         if principal is not None and principal.limits is not None and principal.limits.any:
             spawn(self.quotas.charge(principal.id, principal.limits, tokens))
+
+    async def acharge(self, principal: Principal | None, tokens: int) -> None:
+        """Add a whole answer's tokens to ``principal``'s budgets before it is sent, so
+        the next request sees them. Any event loop; never raises."""
+        if principal is not None and principal.limits is not None and principal.limits.any:
+            await self.quotas.charge(principal.id, principal.limits, tokens)
+
+    def charge_blocking(self, principal: Principal | None, tokens: int) -> None:
+        """:meth:`acharge` from a thread (blocks it on the background loop)."""
+        if principal is not None and principal.limits is not None and principal.limits.any:
+            spawn(self.acharge(principal, tokens)).result(30)
 
     # -- generations ----------------------------------------------------------------------
 
