@@ -7,8 +7,8 @@ re-read on every request), ``env`` (``LLMBRIDGE_API_KEYS``) or ``hook`` (an
 ``X-User`` header naming one of ``alice`` / ``bob``). ``AUTH_REDIS``: a Redis URL where
 the per-key limits and the pipeline's rate limit count (else this process's memory).
 
-Every log record of every logger goes to stdout at DEBUG, and ``/metrics`` serves the
-Prometheus text, so a test can grep everything a request produced for a key.
+Every log record of every logger goes to stdout at DEBUG (``AUTH_LOG_LEVEL``), and
+``/metrics`` serves the Prometheus text, so a test can grep everything a request produced for a key.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from llmbridge.openai import ApiKeys, Principal, Settings, flask_blueprint, quar
 from llmbridge.policies import Pipeline, RateLimit
 from llmbridge.testing import simulated_engine
 
-logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, force=True)
+logging.basicConfig(level=os.environ.get("AUTH_LOG_LEVEL", "DEBUG"), stream=sys.stdout, force=True)
 
 KIND = os.environ.get("AUTH_APP", "flask")
 MODE = os.environ.get("AUTH_MODE", "file")
