@@ -444,3 +444,40 @@ def test_lookup_is_thread_safe_across_reloads(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(10)
     assert errors == []
+
+
+def test_quart_streamed_answers_count_where_the_next_request_looks() -> None:
+    """Under Quart (memory:// counts) a streamed answer's tokens, charged as its body
+    ends, refuse the key's next request once they have landed."""
+    from quart import Quart
+
+    from llmbridge._runtime.loop import spawn
+
+    engine = simulated_engine(max_new_tokens=8)
+    keys = ApiKeys(f"{KEY} tokens_per_day=3")
+    app = Quart("auth_quart_budget")
+    app.register_blueprint(quart_blueprint(engine, auth=keys, handle_signals=False))
+    url = "/v1/chat/completions"
+    limits = KeyLimits(tokens_per_day=3)
+
+    async def spent() -> bool:
+        try:
+            await keys.quotas.acquire(key_id(KEY), limits)
+        except RateLimited:
+            return True
+        return False
+
+    async def main() -> None:
+        client = app.test_client()
+        streamed = await client.post(url, json={**CHAT, "stream": True}, headers=bearer(KEY))
+        assert streamed.status_code == 200
+        assert (await streamed.get_data()).rstrip().endswith(b"[DONE]")
+        for _ in range(1000):  # until the charge has landed (bounded, no sleeps)
+            if await asyncio.wrap_future(spawn(spent())):
+                break
+        refused = await client.post(url, json=CHAT, headers=bearer(KEY))
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) > 3600
+
+    asyncio.run(main())
+    engine.close()

@@ -11,6 +11,7 @@ integration takes (the ASGI adapter's async body, the start timeout, the drain).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from .._core.channel import Completion
 from .._core.engine import Submitter
 from .._core.stream import Stream
 from .._exceptions import LLMBridgeError
-from .._policies.budget import Quotas
+from .._policies.budget import KeyLimits, Quotas
 from .._policies.options import CallOptions
 from .._policies.pipeline import Pipeline
 from .._runtime.loop import spawn
@@ -338,33 +339,48 @@ class Routes:
                 host,
             )
 
+    # Every count runs on the process's background loop, whichever thread or loop
+    # serves the request: a memory:// store is per loop, so one loop means one count
+    # per process (and a Quart stream's end, charged from its body, lands there too).
+
+    @staticmethod
+    def _limited(principal: Principal | None) -> KeyLimits | None:
+        if principal is None or principal.limits is None or not principal.limits.any:
+            return None
+        return principal.limits
+
     async def admit(self, principal: Principal | None) -> None:
         """Spend one request of ``principal``'s own limits; raises
         :class:`~llmbridge.RateLimited` (429) when one is reached. Any event loop."""
-        if principal is not None and principal.limits is not None and principal.limits.any:
-            await self.quotas.acquire(principal.id, principal.limits)
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            await asyncio.wrap_future(spawn(self.quotas.acquire(principal.id, limits)))
 
     def admit_blocking(self, principal: Principal | None) -> None:
         """:meth:`admit` from a thread (blocks it on the background loop)."""
-        if principal is not None and principal.limits is not None and principal.limits.any:
-            spawn(self.admit(principal)).result(30)
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.acquire(principal.id, limits)).result(30)
 
     def charge(self, principal: Principal | None, tokens: int) -> None:
         """Add a finished stream's tokens to ``principal``'s budgets. Never blocks (the
         store is written on the background loop, a moment later) and never raises."""
-        if principal is not None and principal.limits is not None and principal.limits.any:
-            spawn(self.quotas.charge(principal.id, principal.limits, tokens))
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.charge(principal.id, limits, tokens))
 
     async def acharge(self, principal: Principal | None, tokens: int) -> None:
         """Add a whole answer's tokens to ``principal``'s budgets before it is sent, so
         the next request sees them. Any event loop; never raises."""
-        if principal is not None and principal.limits is not None and principal.limits.any:
-            await self.quotas.charge(principal.id, principal.limits, tokens)
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            await asyncio.wrap_future(spawn(self.quotas.charge(principal.id, limits, tokens)))
 
     def charge_blocking(self, principal: Principal | None, tokens: int) -> None:
         """:meth:`acharge` from a thread (blocks it on the background loop)."""
-        if principal is not None and principal.limits is not None and principal.limits.any:
-            spawn(self.acharge(principal, tokens)).result(30)
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.charge(principal.id, limits, tokens)).result(30)
 
     # -- generations ----------------------------------------------------------------------
 
