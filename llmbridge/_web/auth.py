@@ -81,56 +81,76 @@ class ApiKeys:
     ``tpm=``, ``tokens_per_day=`` override them and ``name=`` labels the key. ``storage``
     is where the limits count (``"memory://"`` or a ``redis://`` URL shared by every
     worker and host). :meth:`authenticate` is the blueprint's check. Thread-safe; a
-    file's keys are re-read (at most once per ``reload_interval`` seconds, by ``stat``)
-    when the file changes. Raises ``ValueError`` for a malformed key line (naming the
-    line number, never its text) and for an empty key list from code or the environment.
+    file's keys are re-read when the file changes (see :meth:`from_file`). Raises
+    ``ValueError`` for a malformed key line (naming the line number, never its text)
+    and for an empty key list from code or the environment.
     """
 
     def __init__(
         self,
-        keys: Iterable[str | KeyEntry] | Mapping[str, KeyLimits | None] | str = (),
+        keys: Iterable[str | KeyEntry] | Mapping[str, KeyLimits | None] | str,
         *,
         limits: KeyLimits | None = None,
         storage: str = "memory://",
-        _path: Path | None = None,
-        reload_interval: float = 1.0,
     ) -> None:
-        if limits is not None and not isinstance(limits, KeyLimits):
-            raise TypeError(f"limits must be KeyLimits, got {type(limits).__name__}")
-        self.limits = limits
-        self.quotas = Quotas(storage=storage)
-        self.reload_interval = reload_interval
-        self._path = _path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._checked = 0.0
-        self._table: KeyTable[Principal] = KeyTable(())
-        if _path is not None:
-            self._reload(force=True)
-            return
+        self._setup(limits, storage, None, 1.0)
         entries = _entries(keys)
         if not entries:
             raise ValueError("ApiKeys needs at least one key (or auth=None to serve openly)")
-        self._table = self._build(entries)
+        self._table: KeyTable[Principal] = self._build(entries)
+
+    def _setup(
+        self, limits: KeyLimits | None, storage: str, path: Path | None, reload_interval: float
+    ) -> None:
+        if limits is not None and not isinstance(limits, KeyLimits):
+            raise TypeError(f"limits must be KeyLimits, got {type(limits).__name__}")
+        if not reload_interval >= 0:
+            raise ValueError(f"reload_interval must be >= 0, got {reload_interval!r}")
+        self.limits = limits
+        self.quotas = Quotas(storage=storage)
+        #: Seconds between two looks at the key file (a ``stat``); 0: every lookup.
+        self.reload_interval = reload_interval
+        self._path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self._table = KeyTable(())
 
     @classmethod
-    def from_env(cls, name: str = "LLMBRIDGE_API_KEYS", **options: Any) -> ApiKeys:
+    def from_env(
+        cls,
+        name: str = "LLMBRIDGE_API_KEYS",
+        *,
+        limits: KeyLimits | None = None,
+        storage: str = "memory://",
+    ) -> ApiKeys:
         """The keys in environment variable ``name``: separated by commas or newlines,
         each optionally followed by options as in a key file. Read once. Raises
         ``ValueError`` when the variable is unset or holds no key."""
-        value = os.environ.get(name)
-        if value is None or not parse_keys(value, source=name):
+        entries = parse_keys(os.environ.get(name) or "", source=name)
+        if not entries:
             raise ValueError(f"environment variable {name} holds no API key")
-        return cls(parse_keys(value, source=name), **options)
+        return cls(entries, limits=limits, storage=storage)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **options: Any) -> ApiKeys:
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        limits: KeyLimits | None = None,
+        storage: str = "memory://",
+        reload_interval: float = 1.0,
+    ) -> ApiKeys:
         """The keys in the file at ``path``: one per line, ``#`` comments, each key
         optionally followed by ``name=``, ``rpm=``, ``tpm=``, ``tokens_per_day=``. The
-        file is read now (``OSError`` if it can't be) and again whenever it changes; an
-        empty file admits nobody. A change that can't be read or parsed keeps the keys
-        read last and logs a warning."""
-        return cls(_path=Path(path), **options)
+        file is read now (``OSError`` if it can't be) and again when it has changed,
+        looked at (``stat``) at most once per ``reload_interval`` seconds; an empty file
+        admits nobody. A change that can't be read or parsed keeps the keys read last
+        and logs a warning."""
+        self = cls.__new__(cls)
+        self._setup(limits, storage, Path(path), reload_interval)
+        self._reload(force=True)
+        return self
 
     def __repr__(self) -> str:
         where = f"file {str(self._path)!r}" if self._path is not None else "code"
