@@ -281,7 +281,8 @@ class Routes:
                 "or auth=None to serve without keys"
             )
         if auth is not None and not isinstance(auth, ApiKeys) and not callable(auth):
-            raise TypeError(f"auth must be ApiKeys, a callable or None, got {auth!r}")
+            # The type only: a key passed here by mistake must not reach a traceback.
+            raise TypeError(f"auth must be ApiKeys, a callable or None, not {type(auth).__name__}")
         self.auth = auth
         self.open_models = bool(open_models)
         self._warned_open = False
