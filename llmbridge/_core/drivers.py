@@ -10,12 +10,12 @@ import asyncio
 import inspect
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import Cancelled, EngineClosed, LLMBridgeError
+from .admission import WaitingJobs
 from .channel import Request
 from .jobs import Job, JobQueue, wrap_error
 
@@ -134,7 +134,7 @@ class StepBackend:
             self._drop(job)
         paused.clear()
         by_handle: dict[int, Job] = {}
-        waiting: deque[Job] = deque()
+        waiting = WaitingJobs()  # by priority, aged: see WaitingJobs
         while True:
             new, stop = jobs.take()
             waiting.extend(new)
@@ -277,7 +277,7 @@ class _AsyncDriver:
         self.jobs = jobs
         self.max_concurrency = max_concurrency
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.waiting: deque[Job] = deque()
+        self.waiting = WaitingJobs()  # by priority, aged: see WaitingJobs
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
