@@ -45,6 +45,7 @@ from ._runtime.offload import DEFAULT, Offloaded, ProcessOffloaded, TimeoutArg
 from ._web.body import BodyFormat, StreamBody
 from ._web.bridge import SETTINGS, AppState, Bridge, problem_parts
 from ._web.drain import Drain, find_engines
+from ._web.health import health_paths
 
 __all__ = ["QuartBridge", "StartingStream", "problem_response"]
 
@@ -150,8 +151,11 @@ class QuartBridge(Bridge):
             finally:
                 drain.restore_signal_handlers()
 
+        probes = health_paths(settings) if settings["health"] else ()
+
         async def admit() -> Response | None:
-            if not drain.admitting:
+            # The probes answer while draining: ready says no, live still says yes.
+            if not drain.admitting and quart.request.path not in probes:
                 return self._problem_response(drain.refusal())  # type: ignore[no-any-return]
             return None
 
@@ -162,6 +166,20 @@ class QuartBridge(Bridge):
         app.after_serving(after_serving)
         app.before_request(admit)
         app.after_request(tag)
+
+    def _health_view(
+        self,
+        answer: Callable[[Callable[[], tuple[int, dict[str, Any]]]], Any],
+        probe: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> Callable[[], Any]:
+        async def view() -> Any:
+            return answer(probe)
+
+        return view
+
+    def _draining(self, state: AppState) -> bool:
+        drain = state.extra
+        return isinstance(drain, Drain) and not drain.admitting
 
     @property
     def drain(self) -> Drain:
