@@ -69,23 +69,25 @@ class DrainRate:
 
     The engine :meth:`record` s each job leaving the queue for a backend slot; a refusal
     asks :meth:`retry_after` how long ``excess`` requests (or tokens) take to leave at
-    the rate of the last 30 s. Not thread-safe: the engine calls it under its lock.
+    the rate of the last 30 s. ``clock`` is injectable for tests. Not thread-safe: the
+    engine calls it under its lock.
     """
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_clock", "_samples")
 
-    def __init__(self) -> None:
-        # (monotonic time, tokens) of the last jobs that left the queue.
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # (time, tokens) of the last jobs that left the queue.
         self._samples: deque[tuple[float, int]] = deque(maxlen=_RATE_SAMPLES)
 
     def record(self, cost: int) -> None:
         """A job holding ``cost`` tokens left the queue now."""
-        self._samples.append((time.monotonic(), cost))
+        self._samples.append((self._clock(), cost))
 
     def retry_after(self, excess: int, *, tokens: bool = False) -> float:
         """Seconds until ``excess`` requests (``tokens``: tokens) leave the queue at the
         recent rate; 1 s when nothing left it lately, never over 300 s."""
-        now = time.monotonic()
+        now = self._clock()
         samples = self._samples
         while samples and samples[0][0] < now - _RATE_WINDOW:
             samples.popleft()
