@@ -105,7 +105,10 @@ class QuartBridge(Bridge):
     ``max_processes`` / ``offload_timeout`` (the offload pools), ``drain_timeout`` (10 s;
     keep it under the server's graceful timeout), ``retry_after`` (5 s, sent with 503
     while draining), ``handle_signals`` (True: start draining on SIGTERM/SIGINT, before
-    the server waits for connections).
+    the server waits for connections); and, as for :class:`~llmbridge.flask.FlaskBridge`,
+    ``priority_levels`` (read ``X-Priority``) and the probes ``health``,
+    ``health_prefix``, ``liveness_path``, ``readiness_path``, ``stuck_after`` and
+    ``warmup`` (they still answer while draining: ready says no, live yes).
 
     Install it on one app or several (``init_app``, each with its own engine);
     ``app.extensions["llmbridge"]`` is the bridge. Every coroutine runs on the app's loop
