@@ -34,7 +34,6 @@ from typing import Any
 
 from .._core.engine import Engine
 from .._core.stream import Stream
-from .drain import find_engines
 
 __all__ = [
     "HEALTH_SETTINGS",
@@ -84,18 +83,24 @@ def health_paths(settings: Mapping[str, Any]) -> tuple[str, str]:
     return prefix + settings["liveness_path"], prefix + settings["readiness_path"]
 
 
-def _breakers(submitter: Any) -> list[tuple[str, Any]]:
-    """Circuit breakers on the way from ``submitter`` to its engine (a pipeline's, and
-    those of pipelines it wraps)."""
-    found: list[tuple[str, Any]] = []
-    seen: set[int] = set()
+def _chain(submitter: Any) -> list[Any]:
+    """``submitter`` and what it wraps, following ``.engine`` (a pipeline's engine, a
+    pipeline wrapping another), down to the engine."""
+    chain: list[Any] = []
     obj = submitter
-    while obj is not None and id(obj) not in seen and len(seen) < 8:
-        seen.add(id(obj))
+    while obj is not None and all(obj is not seen for seen in chain) and len(chain) < 8:
+        chain.append(obj)
+        obj = None if isinstance(obj, Engine) else getattr(obj, "engine", None)
+    return chain
+
+
+def _breakers(chain: list[Any]) -> list[tuple[str, Any]]:
+    """The circuit breakers of the pipelines in ``chain``, named for the checks."""
+    found: list[tuple[str, Any]] = []
+    for obj in chain:
         breaker = getattr(obj, "breaker", None)
         if breaker is not None and isinstance(getattr(breaker, "state", None), str):
             found.append((f"breaker{len(found) or ''}", breaker))
-        obj = getattr(obj, "engine", None)
     return found
 
 
@@ -125,7 +130,7 @@ class Health:
     def engines(self) -> list[Engine]:
         """The engines behind the submitter (only :class:`~llmbridge.Engine` s have a
         heartbeat to read)."""
-        return [e for e in find_engines(self.submitter) if isinstance(e, Engine)]
+        return [obj for obj in _chain(self.submitter) if isinstance(obj, Engine)]
 
     def live(self) -> tuple[int, dict[str, Any]]:
         """Status and body of the liveness probe."""
@@ -155,7 +160,7 @@ class Health:
         checks["draining"] = draining
         if draining:
             reasons.append("the server is draining: it takes no new requests")
-        for name, breaker in _breakers(self.submitter):
+        for name, breaker in _breakers(_chain(self.submitter)):
             state = breaker.state
             checks[name] = state
             if state == "open":
