@@ -38,9 +38,9 @@ from .health import HEALTH_SETTINGS, Health, check_health_settings, health_paths
 __all__ = [
     "PRIORITY_HEADER",
     "REQUEST_ID_HEADER",
+    "SETTINGS",
     "AppState",
     "Bridge",
-    "SETTINGS",
     "log_answer",
     "problem_parts",
     "valid_request_id",
