@@ -34,7 +34,7 @@ engine = Engine(
 )
 app = Flask(__name__)
 bridge = FlaskBridge(app, engine=engine, heartbeat=None, priority_levels=4)
-app.register_blueprint(flask_blueprint(engine, settings=Settings(priority_levels=4)))
+app.register_blueprint(flask_blueprint(engine, settings=Settings(priority_levels=4), auth=None))
 
 
 @app.get("/gen")

@@ -20,8 +20,7 @@ from llmbridge._core.admission import DrainRate, WaitingJobs, estimate_tokens
 from llmbridge.backends import CallableBackend, StepBackend
 from llmbridge.flask import FlaskBridge
 
-from conftest import wait_until
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Clock, Server, free_port, run_server, wait_until
 
 
 class Gated:
@@ -131,17 +130,17 @@ def test_a_request_larger_than_the_bound_enters_an_empty_queue_only() -> None:
 def test_retry_after_is_computed_from_the_drain_rate() -> None:
     """Retry-After = what must leave / the rate the queue drained over the last 30 s, in
     [1, 300] s; 1 s when nothing left lately."""
-    now = [0.0]
-    rate = DrainRate(clock=lambda: now[0])
+    clock = Clock()
+    rate = DrainRate(clock=clock)
     assert rate.retry_after(5) == 1.0
     for second in range(10):
-        now[0] = float(second)
+        clock.now = float(second)
         rate.record(100)  # one request of 100 tokens a second
-    now[0] = 10.0
+    clock.now = 10.0
     assert rate.retry_after(5) == pytest.approx(5.0)
     assert rate.retry_after(250, tokens=True) == pytest.approx(2.5)
     assert rate.retry_after(100_000) == 300.0
-    now[0] = 100.0  # the samples are older than the window
+    clock.now = 100.0  # the samples are older than the window
     assert rate.retry_after(5) == 1.0
 
 
@@ -149,18 +148,18 @@ def test_retry_after_is_computed_from_the_drain_rate() -> None:
 def test_a_refusal_by_count_carries_the_drain_rate() -> None:
     """max_queued refusals use the engine's drain rate: 5 departures over 8 s, one
     request beyond the bound -> Retry-After 1.6 s."""
-    now = [2.0]
+    clock = Clock(2.0)
     backend = Gated()
     with Engine(CallableBackend(backend, max_concurrency=1), max_queued=1) as engine:
-        engine._drain_rate = DrainRate(clock=lambda: now[0])
+        engine._drain_rate = DrainRate(clock=clock)
         for _ in range(4):
             engine._drain_rate.record(0)  # t = 2, 4, 6, 8
-            now[0] += 2.0
-        now[0] = 8.0
+            clock.now += 2.0
+        clock.now = 8.0
         gate = engine.submit("gate")  # its start is the fifth departure, at t = 8
         assert wait_until(lambda: backend.order == ["gate"])
         waiting = engine.submit("waiting")
-        now[0] = 10.0
+        clock.now = 10.0
         with pytest.raises(Overloaded) as refused:
             engine.submit("x")
         assert refused.value.retry_after == pytest.approx(1.6)

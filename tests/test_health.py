@@ -15,7 +15,7 @@ from llmbridge._web.health import Health
 from llmbridge.flask import FlaskBridge
 from llmbridge.quart import QuartBridge
 
-from conftest import wait_until
+from support import wait_until
 
 
 def echo(prompt: str, **params: Any) -> str:
