@@ -1,8 +1,8 @@
 """``llmbridge migrate``: rewrite a Flask app (and its ``FlaskBridge`` use) to Quart.
 
-A libcst codemod in two passes over every file given: :mod:`.analysis` decides what must
-become ``async`` and what must be awaited (across modules: a call into a function another
-file made async is awaited too), :mod:`.transform` applies it. The rule tables are in
+A libcst codemod in two passes over every file given: :mod:`.collect` and :mod:`.project`
+decide what must become ``async`` and what must be awaited (across modules: a call into a
+function another file made async is awaited too), :mod:`.transform` applies it. The rule tables are in
 :mod:`.rules`. What can't be done mechanically comes back as :class:`Finding` lines.
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .analysis import Finding, Project
+from .model import Finding
+from .project import Project
 from .transform import rewrite
 
 __all__ = ["Change", "Finding", "MigrationError", "Outcome", "migrate"]

@@ -1,4 +1,4 @@
-"""Pass two of the codemod: apply what :mod:`.analysis` decided to each module's tree.
+"""Pass two of the codemod: apply what :mod:`.project` decided to each module's tree.
 
 Only the nodes that change are rebuilt, so comments, blank lines and formatting elsewhere
 come through as they were; every rewrite checks whether it is already done (``async``
@@ -13,8 +13,9 @@ import libcst as cst
 from libcst.codemod import CodemodContext
 from libcst.codemod.visitors import AddImportsVisitor
 
-from . import rules
-from .analysis import CLI_HELPER, Func, ModuleInfo, Project, dotted_name
+from .model import CLI_HELPER, Func, ModuleInfo, dotted_name
+from .project import Project
+from .rules import EXTENSIONS, MODULES, RENAMES
 
 __all__ = ["rewrite"]
 
@@ -61,10 +62,10 @@ class _Rewriter(cst.CSTTransformer):
         self.renames: dict[str, str] = {}
         for local, dotted in module.imports.items():
             mod, _, name = dotted.rpartition(".")
-            if mod in rules.MODULES and name in rules.RENAMES and local == name:
-                self.renames[local] = rules.RENAMES[name]
-            elif dotted in rules.MODULES and local == dotted:
-                self.renames[local] = rules.MODULES[dotted]
+            if mod in MODULES and name in RENAMES and local == name:
+                self.renames[local] = RENAMES[name]
+            elif dotted in MODULES and local == dotted:
+                self.renames[local] = MODULES[dotted]
         self.needs_helper = False
         self.needs_mark = False
         self.import_depth = 0
@@ -80,8 +81,8 @@ class _Rewriter(cst.CSTTransformer):
         for alias in original_node.names:
             dotted = dotted_name(alias.name) or ""
             self._extension(original_node, dotted)
-            if dotted in rules.MODULES:
-                alias = alias.with_changes(name=_name_node(rules.MODULES[dotted]))
+            if dotted in MODULES:
+                alias = alias.with_changes(name=_name_node(MODULES[dotted]))
             names.append(alias)
         return updated_node.with_changes(names=names)
 
@@ -96,22 +97,22 @@ class _Rewriter(cst.CSTTransformer):
             return updated_node
         dotted = dotted_name(original_node.module) or ""
         self._extension(original_node, dotted)
-        if dotted not in rules.MODULES:
+        if dotted not in MODULES:
             return updated_node
         names = original_node.names
         if not isinstance(names, cst.ImportStar):
             names = [
-                alias.with_changes(name=cst.Name(rules.RENAMES[alias.name.value]))
-                if isinstance(alias.name, cst.Name) and alias.name.value in rules.RENAMES
+                alias.with_changes(name=cst.Name(RENAMES[alias.name.value]))
+                if isinstance(alias.name, cst.Name) and alias.name.value in RENAMES
                 else alias
                 for alias in names
             ]
-        return updated_node.with_changes(module=_name_node(rules.MODULES[dotted]), names=names)
+        return updated_node.with_changes(module=_name_node(MODULES[dotted]), names=names)
 
     def _extension(self, node: cst.CSTNode, dotted: str) -> None:
         top = dotted.partition(".")[0]
-        if top in rules.EXTENSIONS:
-            self.m.report(node, rules.EXTENSIONS[top])
+        if top in EXTENSIONS:
+            self.m.report(node, EXTENSIONS[top])
         elif top.startswith("flask_"):
             self.m.report(
                 node, f"{top} is a Flask extension: check that it works with Quart, or replace it"
@@ -138,10 +139,10 @@ class _Rewriter(cst.CSTTransformer):
             attr = cst.Name(self.m.attr_renames[original_node])
         elif (
             isinstance(original_node.value, cst.Name)
-            and self.renames.get(original_node.value.value) in rules.MODULES.values()
-            and attr.value in rules.RENAMES
+            and self.renames.get(original_node.value.value) in MODULES.values()
+            and attr.value in RENAMES
         ):
-            attr = cst.Name(rules.RENAMES[attr.value])
+            attr = cst.Name(RENAMES[attr.value])
         node = updated_node.with_changes(attr=attr, value=_paren(updated_node.value))
         return self._await(original_node, node)
 
