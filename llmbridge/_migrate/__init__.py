@@ -2,8 +2,8 @@
 
 A libcst codemod in two passes over every file given: :mod:`.collect` and :mod:`.project`
 decide what must become ``async`` and what must be awaited (across modules: a call into a
-function another file made async is awaited too), :mod:`.transform` applies it. The rule tables are in
-:mod:`.rules`. What can't be done mechanically comes back as :class:`Finding` lines.
+function another file made async is awaited too), :mod:`.transform` applies it. The rules
+are in :mod:`.rules`. What can't be done mechanically comes back as :class:`Finding` lines.
 """
 
 from __future__ import annotations
