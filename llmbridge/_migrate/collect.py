@@ -410,6 +410,9 @@ class Collector(cst.CSTVisitor):
             if attr in RESPONSE_ASYNC_METHODS:
                 self._response_use(value, node)
                 return True
+        if attr == "from_prefixed_env" and not node.args:
+            # Quart reads QUART_*: keep reading the variables the Flask app was given.
+            self.m.prefix_calls.add(node)
         if attr in HOOK_REGISTRATIONS and self.is_app(value):
             self._registration(node, HOOK_REGISTRATIONS[attr], hook=True)
         elif attr == "add_command" and (dotted_name(value) or "").endswith("cli"):
@@ -425,7 +428,13 @@ class Collector(cst.CSTVisitor):
             arg = node.args[-1].value
         if arg is None:
             return
-        self.project.registrations.append((self.candidates(arg), hook))
+        found = self.candidates(arg)
+        if not found and isinstance(arg, cst.Name) and not self.stack:
+            found = [f"{self.m.name}.{arg.value}"]
+        elif not found and isinstance(arg, cst.Name):
+            # Registered before the module defines it (create_app above the views).
+            found = [f"{self.stack[-1].key}.{arg.value}", f"{self.m.name}.{arg.value}"]
+        self.project.registrations.append((found, hook))
 
     def _monkeypatch(self, node: cst.Call, func: Func | None) -> None:
         if func is None:

@@ -111,6 +111,7 @@ class ModuleInfo:
         self.attr_renames: dict[cst.Attribute, str] = {}
         self.keyword_renames: dict[cst.Arg, str] = {}
         self.client_withs: set[cst.WithItem] = set()
+        self.prefix_calls: set[cst.Call] = set()
         self.top_level_calls: list[tuple[list[str], cst.Call]] = []
         self.monkeypatches: list[tuple[Func, str, str]] = []
         self.blocking: list[tuple[Func, str, cst.Call]] = []

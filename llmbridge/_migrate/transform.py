@@ -162,6 +162,8 @@ class _Rewriter(cst.CSTTransformer):
         return node
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:
+        if original_node in self.m.prefix_calls:
+            updated_node = updated_node.with_changes(args=[cst.Arg(cst.SimpleString('"FLASK"'))])
         return self._await(original_node, updated_node.with_changes(func=_paren(updated_node.func)))
 
     def leave_With(self, original_node: cst.With, updated_node: cst.With) -> cst.With:
