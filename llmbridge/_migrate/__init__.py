@@ -35,13 +35,17 @@ class Change:
     after: str
 
     def diff(self) -> str:
-        """A unified diff, ``a/`` → ``b/`` like ``git diff``."""
+        """A unified diff: ``a/PATH`` → ``b/PATH`` for a relative path (as ``git diff``,
+        so ``patch -p1`` applies it), the path itself twice for an absolute one."""
+        before, after = (str(self.path),) * 2
+        if not self.path.is_absolute():
+            before, after = f"a/{self.path}", f"b/{self.path}"
         return "".join(
             difflib.unified_diff(
                 self.before.splitlines(keepends=True),
                 self.after.splitlines(keepends=True),
-                fromfile=f"a/{self.path}",
-                tofile=f"b/{self.path}",
+                fromfile=before,
+                tofile=after,
             )
         )
 

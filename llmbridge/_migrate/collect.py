@@ -265,12 +265,13 @@ class Collector(cst.CSTVisitor):
         named_stream = (
             isinstance(it, cst.Name) and bool(self.stack) and it.value in self.stack[-1].streams
         )
-        if (bridge_stream or named_stream) and node.asynchronous is None:
-            self.m.async_fors.add(node)
-            if self.stack:
-                self.stack[-1].awaits = True
+        if bridge_stream or named_stream:
             if call is not None:
-                self.for_iters.add(call)
+                self.for_iters.add(call)  # iterated, so not awaited
+            if node.asynchronous is None:
+                self.m.async_fors.add(node)
+                if self.stack:
+                    self.stack[-1].awaits = True
 
     def visit_With(self, node: cst.With) -> None:
         self.client_withs: list[cst.WithItem] = []
