@@ -398,6 +398,29 @@ RULES: dict[str, tuple[dict[str, str], str, str]] = {
             return await lookup("a")
         """,
     ),
+    "MethodView methods are views; a common method name is not resolved to them": (
+        {
+            "app.py": """
+            from flask import session
+            from flask.views import MethodView
+
+
+            class Items(MethodView):
+                def get(self):
+                    return {"user": session.get("user")}
+            """
+        },
+        "app.py",
+        """
+        from quart import session
+        from quart.views import MethodView
+
+
+        class Items(MethodView):
+            async def get(self):
+                return {"user": session.get("user")}
+        """,
+    ),
     "a view decorator's wrapper awaits the view": (
         {
             "app.py": """

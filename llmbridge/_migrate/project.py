@@ -26,6 +26,15 @@ from .rules import BLOCKING_CALLS, CLIENT_METHODS
 
 __all__ = ["Project"]
 
+_COMMON_METHODS = frozenset(
+    {
+        *("add", "append", "clear", "close", "copy", "count", "decode", "delete", "encode"),
+        *("execute", "extend", "format", "get", "index", "insert", "items", "join", "keys"),
+        *("open", "pop", "post", "put", "read", "remove", "run", "send", "set", "setdefault"),
+        *("split", "start", "stop", "strip", "update", "values", "write"),
+    }
+)
+
 
 class Project:
     """Every file being migrated, analysed together (a call into another module counts)."""
@@ -94,8 +103,17 @@ class Project:
         out: list[str] = []
         for key in candidates:
             if key.startswith("*."):
+                # obj.method(): the receiver's type is unknown, so a method of the migrated
+                # files is meant only if one class has it, it isn't a view (views aren't
+                # called), and the name isn't one every dict, file or session has too.
                 method = key[2:]
-                owners = [k for k, f in self.funcs.items() if f.in_class and f.name == method]
+                if method in _COMMON_METHODS:
+                    continue
+                owners = [
+                    k
+                    for k, f in self.funcs.items()
+                    if f.in_class and f.name == method and not f.hook
+                ]
                 if len(owners) == 1:
                     out.append(owners[0])
             else:
