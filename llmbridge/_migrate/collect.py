@@ -254,6 +254,12 @@ class Collector(cst.CSTVisitor):
                 self.stack[-1].returned_calls.append(self.candidates(call.func))
 
     def visit_For(self, node: cst.For) -> None:
+        self._loop(node)
+
+    def visit_CompFor(self, node: cst.CompFor) -> None:
+        self._loop(node)  # [chunk for chunk in bridge.stream(p)] -> async for, too
+
+    def _loop(self, node: cst.For | cst.CompFor) -> None:
         it = node.iter
         call = call_of(it)
         bridge_stream = (

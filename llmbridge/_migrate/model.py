@@ -107,7 +107,7 @@ class ModuleInfo:
         self.funcs: list[Func] = []
         self.await_nodes: set[cst.CSTNode] = set()
         self.async_withs: set[cst.With] = set()
-        self.async_fors: set[cst.For] = set()
+        self.async_fors: set[cst.For | cst.CompFor] = set()
         self.attr_renames: dict[cst.Attribute, str] = {}
         self.keyword_renames: dict[cst.Arg, str] = {}
         self.client_withs: set[cst.WithItem] = set()

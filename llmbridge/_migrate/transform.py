@@ -190,6 +190,11 @@ class _Rewriter(cst.CSTTransformer):
             return updated_node.with_changes(asynchronous=cst.Asynchronous())
         return updated_node
 
+    def leave_CompFor(self, original_node: cst.CompFor, updated_node: cst.CompFor) -> cst.CompFor:
+        if original_node in self.m.async_fors:
+            return updated_node.with_changes(asynchronous=cst.Asynchronous())
+        return updated_node
+
     # -- functions --------------------------------------------------------------------
 
     def leave_FunctionDef(
