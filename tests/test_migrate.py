@@ -236,6 +236,39 @@ RULES: dict[str, tuple[dict[str, str], str, str]] = {
             return (await body())["name"]
         """,
     ),
+    "a coroutine the code already hands on is left alone": (
+        {
+            "run.py": """
+            import asyncio
+
+            from flask import request
+
+
+            async def main():
+                pass
+
+
+            def body():
+                asyncio.run(main())
+                return request.get_json()
+            """
+        },
+        "run.py",
+        """
+        import asyncio
+
+        from quart import request
+
+
+        async def main():
+            pass
+
+
+        async def body():
+            asyncio.run(main())
+            return await request.get_json()
+        """,
+    ),
     "with app.app_context() -> async with": (
         {
             "setup.py": """
@@ -489,8 +522,9 @@ RULES: dict[str, tuple[dict[str, str], str, str]] = {
             from flask import current_app
 
 
-            async def work():
-                pass
+            def work():
+                with current_app.app_context():
+                    pass
 
 
             @click.command("init")
@@ -525,7 +559,8 @@ RULES: dict[str, tuple[dict[str, str], str, str]] = {
 
 
         async def work():
-            pass
+            async with current_app.app_context():
+                pass
 
 
         @click.command("init")

@@ -42,7 +42,12 @@ from .rules import (
 if TYPE_CHECKING:
     from .project import Project
 
-__all__ = ["Collector"]
+__all__ = ["FIXTURE", "Collector"]
+
+#: Prefix of a callee candidate ``obj.method`` where obj is a test's parameter (a fixture).
+FIXTURE = "*fixture:"
+#: Clients whose ``client.get()`` is not a Flask test client's.
+HTTP_CLIENTS = ("httpx.", "requests.", "aiohttp.", "urllib3.")
 
 
 class Collector(cst.CSTVisitor):
@@ -57,6 +62,7 @@ class Collector(cst.CSTVisitor):
         self.for_iters: set[cst.CSTNode] = set()
         self.with_items: set[cst.CSTNode] = set()
         self.skipped: set[cst.FunctionDef] = set()
+        self.callees: set[cst.Attribute] = set()
 
     # -- resolution -------------------------------------------------------------------
 
@@ -80,12 +86,22 @@ class Collector(cst.CSTVisitor):
                 head, _, rest = dotted.partition(".")
                 if head in self.m.imports:
                     return [f"{self.m.imports[head]}.{rest}"]
-            return [f"*.{node.attr.value}"]  # a method of something: matched by name later
+            if isinstance(base, cst.Name) and self.stack:
+                # obj.method(): a method of a migrated class when obj was built from it here
+                # (obj = Cls(...)), or is a fixture that returns one (settled later).
+                func = self.stack[-1]
+                method = node.attr.value
+                if base.value in func.assigned:
+                    return [
+                        f"{c}.{method}" for found, _ in func.assigned[base.value] for c in found
+                    ]
+                if base.value in func.params:
+                    return [f"{FIXTURE}{base.value}.{method}"]
         return []
 
     def dotted(self, node: cst.BaseExpression) -> str | None:
         found = self.candidates(node)
-        return found[0] if found and not found[0].startswith("*.") else None
+        return found[0] if found and not found[0].startswith(FIXTURE) else None
 
     def is_flask(self, node: cst.BaseExpression, names: frozenset[str] | set[str]) -> bool:
         dotted = self.dotted(node)
@@ -122,6 +138,8 @@ class Collector(cst.CSTVisitor):
         if name is None:
             return False
         func = self.stack[-1] if self.stack else None
+        if func is not None and name in func.not_clients:
+            return False
         return bool(CLIENT.fullmatch(name)) or (func is not None and name in func.clients)
 
     def is_client_request(self, node: cst.BaseExpression) -> bool:
@@ -234,6 +252,8 @@ class Collector(cst.CSTVisitor):
         if call is None or not self.stack:
             return
         func = self.stack[-1]
+        if (self.dotted(call.func) or "").startswith(HTTP_CLIENTS):
+            func.not_clients.update(names)
         if isinstance(call.func, cst.Attribute):
             attr = call.func.attr.value
             if attr == "submit" and self.is_bridge(call.func.value):
@@ -302,6 +322,10 @@ class Collector(cst.CSTVisitor):
         )
         call = call_of(expr)
         func = self.stack[-1] if self.stack else None
+        if call is not None and (self.dotted(call.func) or "").startswith(HTTP_CLIENTS):
+            if alias and func is not None:
+                func.not_clients.add(alias)  # with httpx.Client() as client: not Flask's
+            return False
         if call is not None and isinstance(call.func, cst.Attribute):
             attr = call.func.attr.value
             if attr in RESOURCE_OPENERS:
@@ -328,6 +352,8 @@ class Collector(cst.CSTVisitor):
     # -- expressions ------------------------------------------------------------------
 
     def visit_Attribute(self, node: cst.Attribute) -> None:
+        if node in self.callees:
+            return  # reply.json(): a method (httpx's), not Flask's json property
         attr = node.attr.value
         if attr in REQUEST_ASYNC_ATTRS and self.is_request(node.value):
             self.awaited(node)
@@ -343,6 +369,8 @@ class Collector(cst.CSTVisitor):
     def visit_Call(self, node: cst.Call) -> None:
         func = self.stack[-1] if self.stack else None
         callee = node.func
+        if isinstance(callee, cst.Attribute):
+            self.callees.add(callee)
         if isinstance(callee, cst.Attribute) and self._attribute_call(node, callee, func):
             return
         if self.is_flask(callee, ASYNC_HELPERS):

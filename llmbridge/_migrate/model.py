@@ -76,6 +76,7 @@ class Func:
     returned_calls: list[list[str]] = field(default_factory=list)
     local_defs: dict[str, str] = field(default_factory=dict)
     clients: set[str] = field(default_factory=set)
+    not_clients: set[str] = field(default_factory=set)
     streams: set[str] = field(default_factory=set)
     files: set[str] = field(default_factory=set)
     assigned: dict[str, list[tuple[list[str], cst.Call]]] = field(default_factory=dict)

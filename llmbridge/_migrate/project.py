@@ -11,7 +11,7 @@ from pathlib import Path
 
 import libcst as cst
 
-from .collect import Collector
+from .collect import FIXTURE, Collector
 from .model import (
     APP_FACTORIES,
     ASYNC_DUNDERS,
@@ -26,15 +26,6 @@ from .rules import BLOCKING_CALLS, CLIENT_METHODS
 
 __all__ = ["Project"]
 
-_COMMON_METHODS = frozenset(
-    {
-        *("add", "append", "clear", "close", "copy", "count", "decode", "delete", "encode"),
-        *("execute", "extend", "format", "get", "index", "insert", "items", "join", "keys"),
-        *("open", "pop", "post", "put", "read", "remove", "run", "send", "set", "setdefault"),
-        *("split", "start", "stop", "strip", "update", "values", "write"),
-    }
-)
-
 
 class Project:
     """Every file being migrated, analysed together (a call into another module counts)."""
@@ -47,6 +38,7 @@ class Project:
         self.awaitables: set[str] = set()
         self.registrations: list[tuple[list[str], bool]] = []
         self.async_keys: set[str] = set()
+        self.native: set[str] = set()
 
     def add(self, path: Path, source: str) -> ModuleInfo:
         """Parse ``path``; raises :class:`libcst.ParserSyntaxError` on invalid Python."""
@@ -102,30 +94,27 @@ class Project:
     def _callees(self, candidates: list[str]) -> list[str]:
         out: list[str] = []
         for key in candidates:
-            if key.startswith("*."):
-                # obj.method(): the receiver's type is unknown, so a method of the migrated
-                # files is meant only if one class has it, it isn't a view (views aren't
-                # called), and the name isn't one every dict, file or session has too.
-                method = key[2:]
-                if method in _COMMON_METHODS:
-                    continue
-                owners = [
-                    k
-                    for k, f in self.funcs.items()
-                    if f.in_class and f.name == method and not f.hook
-                ]
-                if len(owners) == 1:
-                    out.append(owners[0])
+            if key.startswith(FIXTURE):
+                name, _, method = key[len(FIXTURE) :].partition(".")
+                for func in self.funcs.values():
+                    if func.fixture and func.name == name:
+                        out.extend(f"{c}.{method}" for found in func.returned_calls for c in found)
             else:
                 out.append(key)
         return out
 
     def is_async(self, candidates: list[str]) -> bool:
-        """Whether a call to one of ``candidates`` must be awaited."""
-        return any(k in self.async_keys or k in self.awaitables for k in self._callees(candidates))
+        """Whether a call to one of ``candidates`` must be awaited: it calls a function the
+        migration makes async. A call to one that was async already is left as written:
+        the code already handles that coroutine (``asyncio.run(main())``)."""
+        return any(
+            (k in self.async_keys and k not in self.native) or k in self.awaitables
+            for k in self._callees(candidates)
+        )
 
     def _settle(self) -> None:
         funcs = list(self.funcs.values())
+        self.native = {f.key for f in funcs if f.node.asynchronous is not None}
         for func in funcs:
             if func.awaits or func.hook or func.forced:
                 self.async_keys.add(func.key)
