@@ -865,6 +865,22 @@ REPORTS: dict[str, tuple[str, str]] = {
 }
 
 
+def test_a_raw_test_client_body_is_kept_without_a_finding(tmp_path: Path) -> None:
+    """data= given text, bytes or json.dumps(...) is a raw body in both test clients."""
+    source = """
+    import json
+
+
+    def test_post(client):
+        client.post("/", data='"foo"')
+        client.post("/", data=b"raw")
+        client.post("/", data=json.dumps({"a": 1}))
+    """
+    texts, findings = migrated(tmp_path, {"test_app.py": source})
+    assert findings == []
+    assert texts["test_app.py"].count('await client.post("/", data=') == 3
+
+
 @pytest.mark.parametrize("case", list(REPORTS))
 def test_what_it_cannot_do_is_reported_with_file_and_line(tmp_path: Path, case: str) -> None:
     """Each thing the codemod can't make right is one ``file:line: reason`` finding."""

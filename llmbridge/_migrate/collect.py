@@ -46,6 +46,8 @@ __all__ = ["FIXTURE", "Collector"]
 
 #: Prefix of a callee candidate ``obj.method`` where obj is a test's parameter (a fixture).
 FIXTURE = "*fixture:"
+#: A body that is text or bytes already: Quart's data= takes it as it is.
+STRINGS = (cst.SimpleString, cst.ConcatenatedString, cst.FormattedString)
 #: Clients whose ``client.get()`` is not a Flask test client's.
 HTTP_CLIENTS = ("httpx.", "requests.", "aiohttp.", "urllib3.")
 
@@ -435,7 +437,10 @@ class Collector(cst.CSTVisitor):
                     if arg.keyword is not None and arg.keyword.value == "data":
                         if isinstance(arg.value, cst.Dict):
                             self.m.keyword_renames[arg] = "form"
-                        else:
+                        elif not isinstance(arg.value, STRINGS) and not (
+                            isinstance(arg.value, cst.Call)
+                            and last_name(arg.value.func) in ("dumps", "encode")
+                        ):
                             self.m.report(
                                 arg,
                                 "data= is raw bytes in Quart's test client: pass form= "
