@@ -1,6 +1,7 @@
 """``llmbridge migrate`` on examples/flask_app (a copy, made at test time): the migrated Quart
 app, served by uvicorn, answers what the Flask original answers under werkzeug, request by
-request: status, content type and body (streams decoded event by event)."""
+request: status, content type and body (a stream by the text it carries and its other
+events, in order)."""
 
 from __future__ import annotations
 
