@@ -363,3 +363,52 @@ def test_many_threads_and_loops_share_one_client(client: EngineClient) -> None:
     for t in threads:
         t.join(30)
     assert results == {i: EXPECTED.expected_text(f"t{i}", 6) for i in range(32)}
+
+
+def test_openai_surface_on_the_socket(server: EngineServer) -> None:
+    """/v1 on the engine's socket answers like the blueprints: a streamed completion
+    ending in [DONE], the models list, OpenAI-shaped errors."""
+    import httpx
+
+    transport = httpx.HTTPTransport(uds=server.socket)
+    with httpx.Client(transport=transport, base_url="http://engine", timeout=20) as client:
+        body = {"model": "llmbridge", "prompt": "open", "max_tokens": 5, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        text = "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1])
+        assert text == EXPECTED.expected_text("open", 5)
+        whole = client.post("/v1/completions", json={**body, "stream": False})
+        assert whole.json()["choices"][0]["text"] == EXPECTED.expected_text("open", 5)
+        assert client.get("/v1/models").status_code == 200
+        bad = client.post("/v1/completions", json={"prompt": 3})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+        missing = client.get("/nowhere")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/problem+json"
+
+
+def test_serve_with_a_bad_target_is_one_line_and_status_2(tmp_path: Path) -> None:
+    """`llmbridge serve nowhere:engine --no-restart` fails with a clear line, exit 2."""
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "llmbridge",
+            "serve",
+            "host_apps:nothing",
+            "--no-restart",
+            "--socket",
+            str(tmp_path / "e.sock"),
+        ],
+        env=host_env(tmp_path),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmbridge serve:")
+    assert "Traceback" not in result.stderr
