@@ -30,9 +30,9 @@ from collections.abc import Callable
 from ._core.engine import Submitter
 from ._host.client import EngineClient
 from ._host.process import EngineProcess
-from ._host.wire import SOCKET_ENV
+from ._host.wire import SOCKET_ENV as _SOCKET_ENV
 
-__all__ = ["EngineClient", "EngineProcess", "SOCKET_ENV", "shared_engine"]
+__all__ = ["EngineClient", "EngineProcess", "shared_engine"]
 
 
 def shared_engine(
@@ -48,7 +48,7 @@ def shared_engine(
     target of ``llmbridge serve module:engine``. Never blocks (the client connects on
     first use); raises ``ImportError`` naming the extra if httpx is missing.
     """
-    path = socket_path or os.environ.get(SOCKET_ENV)
+    path = socket_path or os.environ.get(_SOCKET_ENV)
     if path:
         return EngineClient(path)
     return factory()

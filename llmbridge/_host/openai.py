@@ -20,10 +20,14 @@ _ID = REQUEST_ID_HEADER.lower().encode()
 class OpenAISurface:
     """``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` as a plain ASGI app,
     answering with the same bytes as the Flask and Quart blueprints (one
-    :class:`~llmbridge._openai.routes.Routes`). Thread-safe."""
+    :class:`~llmbridge._openai.routes.Routes`). Thread-safe.
+
+    No API keys (``auth=None``): the socket itself is the access control (mode 0600, or a
+    group's 0660), and the workers in front of it check the keys of their clients.
+    """
 
     def __init__(self, submitter: Submitter, **options: Any) -> None:
-        self.routes = Routes(submitter, **options)
+        self.routes = Routes(submitter, auth=None, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         routes = self.routes
