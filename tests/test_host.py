@@ -412,3 +412,27 @@ def test_serve_with_a_bad_target_is_one_line_and_status_2(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert result.stderr.startswith("llmbridge serve:")
     assert "Traceback" not in result.stderr
+
+
+def test_metrics_of_any_worker_are_the_host_figures(server: EngineServer) -> None:
+    """LLMBridgeCollector over one worker's client counts what every worker submitted."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmbridge.metrics import LLMBridgeCollector
+
+    a, b = EngineClient(server.socket), EngineClient(server.socket)
+    try:
+        before = a.stats.submitted
+        for i in range(3):
+            b.submit(f"m{i}", max_new_tokens=2).result(10)
+        registry = CollectorRegistry()
+        registry.register(LLMBridgeCollector(a, name="host"))
+        text = generate_latest(registry).decode()
+        line = next(
+            x for x in text.splitlines() if x.startswith("llmbridge_requests_submitted_total")
+        )
+        assert float(line.split()[-1]) == before + 3  # a submitted none of them
+        assert a.local_stats.submitted == 0
+    finally:
+        a.close(5)
+        b.close(5)
