@@ -145,12 +145,19 @@ def assert_idle(host: Host) -> None:
 def check_shared(host: Host, url: str, *, workers: int) -> None:
     """Streams are exact across workers, one batch holds several workers' jobs, one
     model copy was loaded (in neither the arbiter nor a worker)."""
-    results = concurrent_streams(url, 16, 40)
-    for i, (text, events) in results.items():
-        assert text == EXPECTED.expected_text(f"s{i}", 40)
-        assert events[-1][0] == "done"
-    steps = [line for line in host.lines() if "pids" in line]
-    assert max(len(line["pids"]) for line in steps) >= 2  # one batch, several workers
+    for _ in range(3):
+        results = concurrent_streams(url, 16, 40)
+        for i, (text, events) in results.items():
+            assert text == EXPECTED.expected_text(f"s{i}", 40)
+            assert events[-1][0] == "done"
+        steps = [line for line in host.lines() if "pids" in line]
+        # One batch holding several workers' jobs. Which worker accepts a connection is
+        # the kernel's choice (gthread's --worker-connections 4 forces a spread; the
+        # uvicorn worker has no such cap), so a round where one worker took every
+        # connection is tried again, at most twice.
+        if max(len(line["pids"]) for line in steps) >= 2:
+            break
+    assert max(len(line["pids"]) for line in steps) >= 2
     with httpx.Client(base_url=url, timeout=10) as client:
         worker_pids = {client.get("/pid").json()["pid"] for _ in range(16)}
     (engine_pid,) = host.loaded()  # exactly one process loaded the model
