@@ -346,7 +346,7 @@ def main() -> None:
     print(
         f"per token, one stream, zero-cost steps: local engine {hop['local_us']:.0f} us, "
         f"through the socket {hop['hop_us']:.0f} us (+{hop['hop_us'] - hop['local_us']:.0f} us"
-        f" = {100 * (hop['hop_us'] - hop['local_us']) / (args.step_time * 1e6):.1f}% of one "
+        f" = {100 * (hop['hop_us'] - hop['local_us']) / (args.step_time * 1e6):.2f}% of one "
         f"{args.step_time * 1000:g} ms step)"
     )
 
