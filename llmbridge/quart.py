@@ -42,9 +42,10 @@ from ._core.engine import Submitter
 from ._core.stream import Stream
 from ._exceptions import LLMBridgeError
 from ._runtime.offload import DEFAULT, Offloaded, ProcessOffloaded, TimeoutArg
-from ._web.body import BodyFormat, StreamBody
+from ._web.body import BodyFormat
 from ._web.bridge import SETTINGS, AppState, Bridge, problem_parts
 from ._web.drain import Drain, find_engines
+from ._web.health import health_paths
 
 __all__ = ["QuartBridge", "StartingStream", "problem_response"]
 
@@ -104,7 +105,10 @@ class QuartBridge(Bridge):
     ``max_processes`` / ``offload_timeout`` (the offload pools), ``drain_timeout`` (10 s;
     keep it under the server's graceful timeout), ``retry_after`` (5 s, sent with 503
     while draining), ``handle_signals`` (True: start draining on SIGTERM/SIGINT, before
-    the server waits for connections).
+    the server waits for connections); and, as for :class:`~llmbridge.flask.FlaskBridge`,
+    ``priority_levels`` (read ``X-Priority``) and the probes ``health``,
+    ``health_prefix``, ``liveness_path``, ``readiness_path``, ``stuck_after`` and
+    ``warmup`` (they still answer while draining: ready says no, live yes).
 
     Install it on one app or several (``init_app``, each with its own engine);
     ``app.extensions["llmbridge"]`` is the bridge. Every coroutine runs on the app's loop
@@ -150,8 +154,11 @@ class QuartBridge(Bridge):
             finally:
                 drain.restore_signal_handlers()
 
+        probes = health_paths(settings) if settings["health"] else ()
+
         async def admit() -> Response | None:
-            if not drain.admitting:
+            # The probes answer while draining: ready says no, live still says yes.
+            if not drain.admitting and quart.request.path not in probes:
                 return self._problem_response(drain.refusal())  # type: ignore[no-any-return]
             return None
 
@@ -162,6 +169,20 @@ class QuartBridge(Bridge):
         app.after_serving(after_serving)
         app.before_request(admit)
         app.after_request(tag)
+
+    def _health_view(
+        self,
+        answer: Callable[[Callable[[], tuple[int, dict[str, Any]]]], Any],
+        probe: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> Callable[[], Any]:
+        async def view() -> Any:
+            return answer(probe)
+
+        return view
+
+    def _draining(self, state: AppState) -> bool:
+        drain = state.extra
+        return isinstance(drain, Drain) and not drain.admitting
 
     @property
     def drain(self) -> Drain:
@@ -209,24 +230,12 @@ class QuartBridge(Bridge):
     def _response(self, stream: Stream, format: BodyFormat) -> Response:
         body = self._body(stream, format)
         response = Response(
-            self._pump(body, self.drain),
+            self.drain.pump(body),
             content_type=body.media_type,
             headers=self._stream_headers(stream),
         )
         response.timeout = None  # a stream lasts as long as it lasts: no RESPONSE_TIMEOUT
         return response
-
-    @staticmethod
-    async def _pump(body: StreamBody, drain: Drain) -> AsyncIterator[bytes]:
-        drain.enter()
-        drain.track(body)
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            drain.untrack(body)
-            drain.leave()
-            body.close()
 
     # -- offload ----------------------------------------------------------------------
 

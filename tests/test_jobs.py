@@ -14,7 +14,7 @@ from llmbridge.backends import Backend, Job, JobQueue, StepBackend
 from llmbridge.policies import BatchBackend
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,7 +23,7 @@ def queue() -> tuple[JobQueue, list[str]]:
     events: list[str] = []
     jobs = JobQueue(
         EngineStats(),
-        on_left_queue=lambda: events.append("left"),
+        on_left_queue=lambda job: events.append("left"),
         on_ended=lambda job: events.append(f"ended {job.id}"),
     )
     return jobs, events

@@ -28,17 +28,19 @@ from typing import Any, ClassVar, TypeVar
 
 from .._core.engine import Submitter
 from .._core.stream import Stream
-from .._exceptions import Cancelled, LLMBridgeError
+from .._exceptions import BadRequest, Cancelled, LLMBridgeError
 from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
 from .body import BodyFormat, StreamBody
+from .health import HEALTH_SETTINGS, Health, check_health_settings, health_paths, health_response
 
 __all__ = [
+    "PRIORITY_HEADER",
     "REQUEST_ID_HEADER",
+    "SETTINGS",
     "AppState",
     "Bridge",
-    "SETTINGS",
     "log_answer",
     "problem_parts",
     "valid_request_id",
@@ -50,6 +52,9 @@ T = TypeVar("T")
 
 #: The header a request id travels in, both ways.
 REQUEST_ID_HEADER = "X-Request-Id"
+
+#: The header a client's request priority travels in (read only with ``priority_levels``).
+PRIORITY_HEADER = "X-Priority"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -65,6 +70,8 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_threads": ("LLMBRIDGE_MAX_THREADS", 40),
     "max_processes": ("LLMBRIDGE_MAX_PROCESSES", None),
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
+    "priority_levels": ("LLMBRIDGE_PRIORITY_LEVELS", None),
+    **HEALTH_SETTINGS,
 }
 
 
@@ -80,6 +87,25 @@ def _client_request_id(web: Any) -> str | None:
     if not web.has_request_context():
         return None
     return valid_request_id(web.request.headers.get(REQUEST_ID_HEADER))
+
+
+def _client_priority(web: Any, levels: int | None) -> int | None:
+    """The client's ``X-Priority`` (an int from 0 to ``levels - 1``), when the bridge
+    reads it; raises :class:`~llmbridge.BadRequest` for any other value."""
+    if levels is None or not web.has_request_context():
+        return None
+    value = web.request.headers.get(PRIORITY_HEADER)
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 3 and int(text) < levels):
+        raise BadRequest(f"{PRIORITY_HEADER} must be an integer from 0 to {levels - 1}")
+    return int(text)
+
+
+def _check_priority_levels(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"priority_levels must be an int >= 2 or None, got {value!r}")
 
 
 def _remember(web: Any, request_id: str) -> None:
@@ -173,6 +199,8 @@ class Bridge:
 
     def _check_options(self, options: Mapping[str, Any]) -> None:
         check_bridge_options(self._owner, options, self._settings_table)
+        check_health_settings(options)
+        _check_priority_levels(options.get("priority_levels"))
 
     def init_app(self, app: Any, *, engine: Submitter | None = None, **options: Any) -> None:
         """Install the bridge on ``app``; call it before the app serves requests.
@@ -195,11 +223,47 @@ class Bridge:
         self._configure_offloader(settings)
         self._apps[app] = state
         app.extensions["llmbridge"] = self
+        if settings["health"]:
+            self._install_health(app, state)
         # Read through the framework's nested defaultdicts, never replace them: an app
         # that already handles LLMBridgeError keeps its own handler.
         if LLMBridgeError not in app.error_handler_spec[None][None]:
             app.register_error_handler(LLMBridgeError, self._handler())
         self._install(app, state)
+
+    def _install_health(self, app: Any, state: AppState) -> None:
+        """Add the liveness and readiness routes (see :mod:`llmbridge._web.health`)."""
+        settings = state.settings
+        health = Health(
+            state.engine,
+            stuck_after=settings["stuck_after"],
+            warmup=settings["warmup"],
+            draining=lambda: self._draining(state),
+        )
+        live, ready = health_paths(settings)
+        web = self._web
+
+        def answer(probe: Callable[[], tuple[int, dict[str, Any]]]) -> Any:
+            return web.Response(*health_response(*probe()))
+
+        app.add_url_rule(
+            live, "llmbridge_livez", self._health_view(answer, health.live), methods=["GET"]
+        )
+        app.add_url_rule(
+            ready, "llmbridge_readyz", self._health_view(answer, health.ready), methods=["GET"]
+        )
+
+    def _health_view(
+        self,
+        answer: Callable[[Callable[[], tuple[int, dict[str, Any]]]], Any],
+        probe: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> Callable[[], Any]:
+        """A view answering ``probe`` (the twin makes it a coroutine for Quart)."""
+        return lambda: answer(probe)
+
+    def _draining(self, state: AppState) -> bool:
+        """Whether the app stopped admitting (the Quart bridge's drain)."""
+        return False
 
     def _handler(self) -> Callable[[LLMBridgeError], Any]:
         """The error handler the twin registers (sync for Flask, async for Quart)."""
@@ -298,6 +362,10 @@ class Bridge:
         """
         engine = self.engine
         request_id = request_id or _client_request_id(self._web)
+        if "priority" not in params:
+            priority = _client_priority(self._web, self._state().settings["priority_levels"])
+            if priority is not None:
+                params["priority"] = priority
         if request_id is None:
             stream = engine.submit(prompt, **params)
         else:
