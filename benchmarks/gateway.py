@@ -192,14 +192,15 @@ def _settings() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # The apps, built only in the server process that imports them.
+    # The apps, built only in the server process that imports them. No API keys
+    # (auth=None), as LiteLLM's proxy runs here without a master key.
     if name == "quart_app":
         from quart import Quart
 
         from llmbridge.openai import quart_blueprint
 
         qapp = Quart(__name__)
-        qapp.register_blueprint(quart_blueprint(_engine(), settings=_settings()))
+        qapp.register_blueprint(quart_blueprint(_engine(), settings=_settings(), auth=None))
         return qapp
     if name == "flask_asgi":
         from flask import Flask
@@ -208,7 +209,7 @@ def __getattr__(name: str) -> Any:
         from llmbridge.openai import flask_blueprint
 
         app = Flask(__name__)
-        app.register_blueprint(flask_blueprint(_engine(), settings=_settings()))
+        app.register_blueprint(flask_blueprint(_engine(), settings=_settings(), auth=None))
         return to_asgi(app)
     raise AttributeError(name)
 
