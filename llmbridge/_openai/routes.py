@@ -24,13 +24,16 @@ from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
 from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
+from .._web.drain import find_engines
 from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
     OpenAIFramer,
+    RelayFramer,
     error_reply,
     model_body,
     models_body,
+    relay_reply,
     response_body,
 )
 from .wire import (
@@ -59,7 +62,7 @@ __all__ = [
 
 logger = logging.getLogger("llmbridge.openai")
 
-_PARSERS: dict[str, Callable[[Any, Settings], ParsedRequest]] = {
+_PARSERS: dict[str, Callable[..., ParsedRequest]] = {
     "chat": parse_chat,
     "completion": parse_completion,
 }
@@ -182,14 +185,15 @@ class Call:
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
+        if self.parsed.relay:
+            return relay_reply(completion.text, headers)
         return Reply.json(response_body(self.parsed, completion), headers=headers)
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
         request_id = self.stream.id
-        framer = OpenAIFramer(
-            self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
-        )
+        kind = RelayFramer if self.parsed.relay else OpenAIFramer
+        framer = kind(self.parsed, request_id=request_id, report=lambda e: report(e, request_id))
         return StreamBody(
             self.stream,
             framer=framer,
@@ -204,7 +208,10 @@ class Routes:
     Options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
     an SSE comment; ``None``: never), ``start_timeout`` (seconds to wait for the first
     output before answering 504, streamed or not; ``None``: no limit), ``timeout``
-    (a non-streamed answer's whole deadline after its first output; ``None``: none).
+    (a non-streamed answer's whole deadline after its first output; ``None``: none),
+    ``passthrough`` (forward whole bodies and relay the upstream's answers; ``None``,
+    the default: when the submitter's engine has a backend that declares
+    ``passthrough = True``, such as :class:`~llmbridge.backends.OpenAIBackend`).
     Thread-safe: it holds no per-request state.
     """
 
@@ -216,6 +223,7 @@ class Routes:
         heartbeat: float | None = 15.0,
         start_timeout: float | None = 60.0,
         timeout: float | None = None,
+        passthrough: bool | None = None,
     ) -> None:
         for name, value in (("start_timeout", start_timeout), ("timeout", timeout)):
             if value is not None and not value > 0:
@@ -227,6 +235,12 @@ class Routes:
         self.heartbeat = heartbeat
         self.start_timeout = start_timeout
         self.timeout = timeout
+        if passthrough is None:
+            passthrough = any(
+                getattr(getattr(engine, "backend", None), "passthrough", False) is True
+                for engine in find_engines(submitter)
+            )
+        self.passthrough = passthrough
 
     @property
     def max_body_bytes(self) -> int:
@@ -242,7 +256,7 @@ class Routes:
         client's ``X-Request-Id``: a valid one names the engine request. Raises
         :class:`InvalidRequest` (400/405) or the submitter's admission error."""
         self.allow(method, "POST")
-        parsed = _PARSERS[kind](decode_json(raw), self.settings)
+        parsed = _PARSERS[kind](decode_json(raw), self.settings, passthrough=self.passthrough)
         request_id = valid_request_id(client_id)
         named = {} if request_id is None else {"request_id": request_id}
         stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
