@@ -50,12 +50,18 @@ KIND = os.environ.get("GATEWAY_APP", "flask")
 
 def _build() -> Any:
     if KIND == "flask":
-        from flask import Flask, jsonify
+        from flask import Flask, jsonify, request
 
+        from llmbridge.flask import FlaskBridge
         from llmbridge.openai import flask_blueprint
 
         app = Flask(__name__)
         app.register_blueprint(flask_blueprint(SUBMITTER, settings=SETTINGS))
+        bridge = FlaskBridge(app, engine=SUBMITTER)
+
+        @app.post("/chat")
+        def chat() -> Any:  # chat in its natural form: no dummy prompt
+            return bridge.sse(bridge.chat(request.get_json()["messages"], model="gpt-test"))
 
         @app.get("/stats")
         def stats() -> Any:
@@ -63,11 +69,19 @@ def _build() -> Any:
 
         return app
     from quart import Quart
+    from quart import request as qrequest
 
     from llmbridge.openai import quart_blueprint
+    from llmbridge.quart import QuartBridge
 
     qapp = Quart(__name__)
     qapp.register_blueprint(quart_blueprint(SUBMITTER, settings=SETTINGS))
+    qbridge = QuartBridge(qapp, engine=SUBMITTER)
+
+    @qapp.post("/chat")
+    async def qchat() -> Any:
+        messages = (await qrequest.get_json())["messages"]
+        return await qbridge.sse(qbridge.chat(messages, model="gpt-test"))
 
     @qapp.get("/stats")
     async def qstats() -> Any:

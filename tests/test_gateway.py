@@ -380,3 +380,24 @@ def test_local_backends_refuse_fields_they_cannot_honour() -> None:
         )
         assert done.status_code == 400
         assert done.json()["error"]["param"] == "logprobs"
+
+
+@pytest.mark.timeout(60)
+def test_bridge_chat_streams_without_a_dummy_prompt(upstream: Server, gateway: Server) -> None:
+    """A view's ``bridge.sse(bridge.chat(messages))`` streams the chat answer: the
+    upstream gets the messages at /chat/completions, no prompt field."""
+    with httpx.Client(timeout=30) as client:
+        client.delete(f"{upstream.url}/v1/_requests")
+        reply = client.post(
+            f"{gateway.url}/chat", json={"messages": [{"role": "user", "content": "Hi"}]}
+        )
+        [sent] = _received(upstream)
+    assert reply.status_code == 200, reply.text
+    texts = [
+        json.loads(line[6:])["text"]
+        for line in reply.text.split("\n")
+        if line.startswith('data: {"text')
+    ]
+    assert "".join(texts) == "Answer 0: hello from the fake upstream."
+    assert sent["messages"] == [{"role": "user", "content": "Hi"}]
+    assert "prompt" not in sent
