@@ -205,3 +205,28 @@ def test_gateway_under_load_survives_an_upstream_restart() -> None:
     assert during["u1"]["failovers"] >= 1
     assert stats["u1"]["requests"] > during["u1"]["requests"]  # it served again
     assert not stats["u1"]["cooling_down"]
+
+
+@pytest.mark.timeout(30)
+def test_upstream_counters_are_prometheus_metrics() -> None:
+    """The collector exports the backend's limits and per-upstream counters, labelled
+    by upstream name."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmbridge.metrics import LLMBridgeCollector
+
+    urls = [f"http://127.0.0.1:{free_port()}/v1"]
+    upstreams = [Upstream(urls[0], name="dead"), Upstream(urls[0] + "x", name="other")]
+    backend = OpenAIBackend(upstreams=upstreams, failures=1, max_concurrency=64)
+    registry = CollectorRegistry()
+    with Engine(backend) as engine:
+        registry.register(LLMBridgeCollector(engine, name="gw"))
+        with pytest.raises(UpstreamError):
+            engine.submit("x").result(20)
+        text = generate_latest(registry).decode()
+    assert 'llmbridge_backend_limit{engine="gw",limit="max_connections"} 64.0' in text
+    assert 'llmbridge_upstream_requests_total{engine="gw",upstream="dead"} 1.0' in text
+    assert 'llmbridge_upstream_failures_total{engine="gw",upstream="dead"} 1.0' in text
+    assert 'llmbridge_upstream_failovers_total{engine="gw",upstream="dead"} 1.0' in text
+    assert 'llmbridge_upstream_cooling_down{engine="gw",upstream="dead"} 1.0' in text
+    assert 'llmbridge_upstream_outstanding{engine="gw",upstream="other"} 0.0' in text
