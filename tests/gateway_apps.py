@@ -6,7 +6,10 @@ an :class:`~llmbridge.backends.OpenAIBackend` whose upstreams are ``UPSTREAM_URL
 hypercorn). Knobs, all optional: ``MODEL_MAP`` (``client=upstream`` pairs, comma
 separated, applied to every upstream), ``GATEWAY_CACHE=1`` (a
 :class:`~llmbridge.policies.Pipeline` with a memory cache, non-deterministic requests
-included), ``FAILURES`` / ``COOLDOWN`` (the backend's breaker), ``MAX_CONCURRENCY``.
+included), ``FAILURES`` / ``COOLDOWN`` (the backend's breaker), ``MAX_CONCURRENCY``,
+``PASSTHROUGH=0`` (the routes translate requests instead of forwarding them, and the
+backend always streams upstream: how ``/v1`` over ``OpenAIBackend`` worked before
+passthrough, for ``benchmarks/gateway_nonstreamed.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def _submitter() -> Any:
         cooldown=float(os.environ.get("COOLDOWN", "5")),
         max_concurrency=int(os.environ.get("MAX_CONCURRENCY", "256")),
         timeout=30,
+        stream=True,
     )
     engine = Engine(backend)
     if os.environ.get("GATEWAY_CACHE") == "1":
@@ -45,6 +49,9 @@ def _submitter() -> Any:
 
 
 SUBMITTER = _submitter()
+OPTIONS: dict[str, Any] = {"settings": SETTINGS}
+if os.environ.get("PASSTHROUGH") == "0":
+    OPTIONS["passthrough"] = False
 KIND = os.environ.get("GATEWAY_APP", "flask")
 
 
@@ -56,7 +63,7 @@ def _build() -> Any:
         from llmbridge.openai import flask_blueprint
 
         app = Flask(__name__)
-        app.register_blueprint(flask_blueprint(SUBMITTER, settings=SETTINGS))
+        app.register_blueprint(flask_blueprint(SUBMITTER, **OPTIONS))
         bridge = FlaskBridge(app, engine=SUBMITTER)
 
         @app.post("/chat")
@@ -75,7 +82,7 @@ def _build() -> Any:
     from llmbridge.quart import QuartBridge
 
     qapp = Quart(__name__)
-    qapp.register_blueprint(quart_blueprint(SUBMITTER, settings=SETTINGS))
+    qapp.register_blueprint(quart_blueprint(SUBMITTER, **OPTIONS))
     qbridge = QuartBridge(qapp, engine=SUBMITTER)
 
     @qapp.post("/chat")
