@@ -230,3 +230,62 @@ def test_upstream_counters_are_prometheus_metrics() -> None:
     assert 'llmbridge_upstream_failovers_total{engine="gw",upstream="dead"} 1.0' in text
     assert 'llmbridge_upstream_cooling_down{engine="gw",upstream="dead"} 1.0' in text
     assert 'llmbridge_upstream_outstanding{engine="gw",upstream="other"} 0.0' in text
+
+
+def test_breaker_states_without_io() -> None:
+    """The per-upstream breaker and the balancer, on a fake clock: the breaker opens
+    after ``failures`` in a row; while cooling down the upstream is skipped; after it,
+    one probe at a time; a cancelled probe says nothing (the next failure re-opens at
+    once), an answer closes it."""
+    from llmbridge._backends.openai.upstreams import Balancer, UpstreamState
+
+    now = [0.0]
+    a, b = (
+        UpstreamState(
+            Upstream(f"http://{n}/v1", name=n), failures=2, cooldown=5, clock=lambda: now[0]
+        )
+        for n in "ab"
+    )
+    balancer = Balancer([a, b])
+    for _ in range(2):
+        a.begin()
+        a.end(failed=True)
+    assert a.cooling_down
+    assert balancer.pick() is b
+    assert balancer.pick([b]) is None
+    assert balancer.soonest_back() == 5
+    now[0] = 5.0
+    assert not a.cooling_down
+    assert a.available()
+    assert balancer.pick([b]) is a  # available again (b, with fewer requests, comes first)
+    a.begin()  # the probe
+    assert not a.available()  # one probe at a time
+    a.end(failed=None)  # cancelled: neither closes nor counts
+    a.begin()
+    a.end(failed=True)  # the next failure re-opens at once
+    assert a.cooling_down
+    now[0] = 10.0
+    a.begin()
+    a.end(failed=False)
+    assert a.available()
+    assert not a.cooling_down
+    assert a.as_dict()["cooldowns"] == 2
+
+
+def test_balancer_prefers_fewest_outstanding_per_weight() -> None:
+    """Outstanding per unit of weight decides, then requests per unit of weight."""
+    from llmbridge._backends.openai.upstreams import Balancer, UpstreamState
+
+    heavy, light = (
+        UpstreamState(Upstream(f"http://{n}/v1", weight=w), failures=1, cooldown=1)
+        for n, w in (("h", 2.0), ("l", 1.0))
+    )
+    balancer = Balancer([light, heavy])
+    picks = []
+    for _ in range(6):
+        chosen = balancer.pick()
+        assert chosen is not None
+        chosen.begin()
+        picks.append("h" if chosen is heavy else "l")
+    assert picks.count("h") == 4
+    assert picks.count("l") == 2

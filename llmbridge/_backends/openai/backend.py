@@ -241,9 +241,12 @@ class OpenAIBackend:
                 tried.append(state)
                 attempt = _Attempt()
                 state.begin()
-                failed = False
+                # None: neither a success nor the upstream's failure (a cancellation, a
+                # bug of ours), so the breaker neither closes nor counts it.
+                failed: bool | None = None
                 try:
                     await self._attempt(state, call, job, attempt)
+                    failed = False
                     return
                 except LLMBridgeError as exc:
                     failed = _counts_against(exc)

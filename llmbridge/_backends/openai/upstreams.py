@@ -125,10 +125,14 @@ class UpstreamState:
         if self._open_until is not None:
             self._probing = True  # half-open: this one request tests it
 
-    def end(self, *, failed: bool) -> None:
-        """A request sent here ended; ``failed`` if it counts against the upstream."""
+    def end(self, *, failed: bool | None) -> None:
+        """A request sent here ended: ``failed`` if it counts against the upstream,
+        ``False`` for an answer (a 400 included: the upstream is alive), ``None`` when
+        it says nothing about the upstream (the consumer cancelled it)."""
         self.outstanding -= 1
         self._probing = False
+        if failed is None:
+            return
         if not failed:
             self._consecutive = 0
             self._open_until = None
