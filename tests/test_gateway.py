@@ -336,10 +336,13 @@ def test_the_cache_keys_on_the_whole_request(upstream: Server) -> None:
     with _gateway("quart", upstream, GATEWAY_CACHE="1") as gw, httpx.Client(timeout=30) as client:
         client.delete(f"{upstream.url}/v1/_requests")
         url = f"{gw.url}/v1/chat/completions"
-        first = client.post(url, json=_chat("cache me", tools=[WEATHER])).json()
-        again = client.post(url, json=_chat("cache me", tools=[WEATHER])).json()
-        other = client.post(url, json=_chat("cache me", tools=[TIME])).json()
-        logprobs = client.post(url, json=_chat("cache me", logprobs=True)).json()
+        replies = [
+            client.post(url, json=_chat("cache me", **fields))
+            for fields in ({"tools": [WEATHER]}, {"tools": [WEATHER]}, {"tools": [TIME]},
+                           {"logprobs": True})
+        ]  # fmt: skip
+        assert [r.status_code for r in replies] == [200] * 4, replies[0].text
+        first, again, other, logprobs = (r.json() for r in replies)
         streamed = [
             _events(client.post(url, json=_chat("cache me", stream=True))) for _ in range(2)
         ]

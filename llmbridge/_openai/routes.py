@@ -24,7 +24,6 @@ from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
 from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
-from .._web.drain import find_engines
 from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
@@ -202,6 +201,19 @@ class Call:
         )
 
 
+def _backend_of(submitter: Any) -> Any:
+    """The backend behind ``submitter``: an engine's own, or that of the engine a
+    wrapper (a policy pipeline) names ``engine``; ``None`` when there is none to see."""
+    for _ in range(4):
+        backend = getattr(submitter, "backend", None)
+        if backend is not None:
+            return backend
+        submitter = getattr(submitter, "engine", None)
+        if submitter is None:
+            return None
+    return None
+
+
 class Routes:
     """The OpenAI surface over one submitter, independent of any framework.
 
@@ -236,10 +248,7 @@ class Routes:
         self.start_timeout = start_timeout
         self.timeout = timeout
         if passthrough is None:
-            passthrough = any(
-                getattr(getattr(engine, "backend", None), "passthrough", False) is True
-                for engine in find_engines(submitter)
-            )
+            passthrough = getattr(_backend_of(submitter), "passthrough", False) is True
         self.passthrough = passthrough
 
     @property
