@@ -54,7 +54,7 @@ def _submitter() -> Any:
 
 
 SUBMITTER = _submitter()
-OPTIONS: dict[str, Any] = {"settings": SETTINGS}
+OPTIONS: dict[str, Any] = {"settings": SETTINGS, "auth": None}  # 127.0.0.1 only
 if os.environ.get("PASSTHROUGH") == "0":
     OPTIONS["passthrough"] = False
 KIND = os.environ.get("GATEWAY_APP", "flask")

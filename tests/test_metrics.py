@@ -11,7 +11,7 @@ from llmbridge.metrics import LLMBridgeCollector
 from llmbridge.policies import Pipeline
 from llmbridge.testing import simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -27,10 +27,10 @@ __all__ = [
     "OpenAIFramer",
     "RelayFramer",
     "error_body",
-    "relay_reply",
     "error_reply",
     "model_body",
     "models_body",
+    "relay_reply",
     "response_body",
     "retry_after_header",
 ]

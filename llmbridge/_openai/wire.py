@@ -26,8 +26,8 @@ from .._exceptions import BadRequest
 from .._sansio.chat import render_messages
 
 __all__ = [
-    "ChatTemplate",
     "PASSTHROUGH_PARAM",
+    "ChatTemplate",
     "InvalidRequest",
     "ParsedRequest",
     "Settings",

@@ -37,9 +37,9 @@ from .body import BodyFormat, StreamBody
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "SETTINGS",
     "AppState",
     "Bridge",
-    "SETTINGS",
     "log_answer",
     "problem_parts",
     "valid_request_id",
