@@ -34,9 +34,11 @@ from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
     OpenAIFramer,
+    RelayFramer,
     error_reply,
     model_body,
     models_body,
+    relay_reply,
     response_body,
 )
 from .wire import (
@@ -67,7 +69,7 @@ __all__ = [
 
 logger = logging.getLogger("llmbridge.openai")
 
-_PARSERS: dict[str, Callable[[Any, Settings], ParsedRequest]] = {
+_PARSERS: dict[str, Callable[..., ParsedRequest]] = {
     "chat": parse_chat,
     "completion": parse_completion,
 }
@@ -211,12 +213,15 @@ class Call:
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
+        if self.parsed.relay:
+            return relay_reply(completion.text, headers)
         return Reply.json(response_body(self.parsed, completion), headers=headers)
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
         request_id = self.stream.id
-        framer: Any = OpenAIFramer(
+        kind = RelayFramer if self.parsed.relay else OpenAIFramer
+        framer: Any = kind(
             self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
         )
         if self.principal is not None and self.principal.limits is not None:
@@ -227,6 +232,19 @@ class Call:
             heartbeat=self.routes.heartbeat,
             start_timeout=self.routes.start_timeout,
         )
+
+
+def _backend_of(submitter: Any) -> Any:
+    """The backend behind ``submitter``: an engine's own, or that of the engine a
+    wrapper (a policy pipeline) names ``engine``; ``None`` when there is none to see."""
+    for _ in range(4):
+        backend = getattr(submitter, "backend", None)
+        if backend is not None:
+            return backend
+        submitter = getattr(submitter, "engine", None)
+        if submitter is None:
+            return None
+    return None
 
 
 class _Metered:
@@ -259,7 +277,10 @@ class Routes:
     Other options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
     an SSE comment; ``None``: never), ``start_timeout`` (seconds to wait for the first
     output before answering 504, streamed or not; ``None``: no limit), ``timeout``
-    (a non-streamed answer's whole deadline after its first output; ``None``: none).
+    (a non-streamed answer's whole deadline after its first output; ``None``: none),
+    ``passthrough`` (forward whole bodies and relay the upstream's answers; ``None``,
+    the default: when the submitter's engine has a backend that declares
+    ``passthrough = True``, such as :class:`~llmbridge.backends.OpenAIBackend`).
     Thread-safe: it holds no per-request state.
     """
 
@@ -273,6 +294,7 @@ class Routes:
         heartbeat: float | None = 15.0,
         start_timeout: float | None = 60.0,
         timeout: float | None = None,
+        passthrough: bool | None = None,
     ) -> None:
         if auth is _REQUIRED:
             raise TypeError(
@@ -298,6 +320,9 @@ class Routes:
         self.heartbeat = heartbeat
         self.start_timeout = start_timeout
         self.timeout = timeout
+        if passthrough is None:
+            passthrough = getattr(_backend_of(submitter), "passthrough", False) is True
+        self.passthrough = passthrough
 
     @property
     def max_body_bytes(self) -> int:
@@ -399,7 +424,7 @@ class Routes:
         rate-limit key and cache namespace. Raises :class:`InvalidRequest` (400/405) or
         the submitter's admission error."""
         self.allow(method, "POST")
-        parsed = _PARSERS[kind](decode_json(raw), self.settings)
+        parsed = _PARSERS[kind](decode_json(raw), self.settings, passthrough=self.passthrough)
         request_id = valid_request_id(client_id)
         named: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         if principal is not None and isinstance(self.submitter, Pipeline):
