@@ -173,13 +173,12 @@ def _engine() -> Any:
     from llmbridge.backends import OpenAIBackend
 
     upstream = os.environ["GATEWAY_UPSTREAM"]
-    # Sized for the largest scenario: 256 streams in flight, each on its own connection.
+    # Room for the largest scenario (256 streams) and more: the connection pool is sized
+    # from max_concurrency by default.
     backend = OpenAIBackend(
         upstream,
         model=MODEL,
         stream=os.environ.get("GATEWAY_BACKEND_STREAM", "1") == "1",
-        max_connections=512,
-        max_keepalive=512,
         max_concurrency=1024,
     )
     return Engine(backend, max_queued=4096)
