@@ -1,11 +1,13 @@
 """``llama_cpp.Llama`` through ``locked()`` and through the engine, with a faithful fake.
 
-llama-cpp-python without model weights can't generate, and CI downloads none, so the
-fake below mirrors the API llmbridge touches: ``create_completion(prompt, max_tokens=,
-stop=, stream=)`` returning an OpenAI-style dict or a generator of ``text_completion``
-chunks, and ``create_chat_completion(messages=, stream=)`` with ``chat.completion.chunk``
-deltas. Like the real object it holds one context that a stream owns until it ends;
-unlike it, it detects a second thread entering and counts it.
+tests/test_llamacpp_real.py runs the same paths on a real llama.cpp (a tiny GGUF the
+tests write); this fake stays for what a real model can't show on demand: it mirrors
+the API llmbridge touches (``create_completion(prompt, max_tokens=, stop=, stream=)``
+returning an OpenAI-style dict or a generator of ``text_completion`` chunks, and
+``create_chat_completion(messages=, stream=)`` with ``chat.completion.chunk`` deltas)
+and, like the real object, holds one context that a stream owns until it ends; unlike
+it, it detects a second thread entering and counts it, so a missing lock is a clean
+failure rather than a crash inside llama.cpp.
 """
 
 from __future__ import annotations
