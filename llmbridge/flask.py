@@ -103,6 +103,13 @@ class FlaskBridge(Bridge):
     def _handler(self) -> Callable[[LLMBridgeError], Response]:
         return self._problem_response
 
+    def _metrics_view(self, render: Callable[[], tuple[bytes, str]]) -> Callable[[], Response]:
+        def metrics() -> Response:
+            body, content_type = render()
+            return Response(body, content_type=content_type)
+
+        return metrics
+
     def _install(self, app: Any, state: AppState) -> None:
         app.after_request(self._tag)
         if state.settings["async_views"]:

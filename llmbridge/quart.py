@@ -131,6 +131,18 @@ class QuartBridge(Bridge):
 
         return handle
 
+    def _metrics_view(
+        self, render: Callable[[], tuple[bytes, str]]
+    ) -> Callable[[], Awaitable[Response]]:
+        async def metrics() -> Response:
+            import anyio.to_thread
+
+            # Multiprocess mode reads a file per worker: not on the loop.
+            body, content_type = await anyio.to_thread.run_sync(render)
+            return Response(body, content_type=content_type)
+
+        return metrics
+
     def _install(self, app: Any, state: AppState) -> None:
         settings = state.settings
         drain = state.extra = Drain(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
 from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
+from .._web.reqlog import RequestRecord
 from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
@@ -89,6 +91,9 @@ ROUTES = (
 )
 
 METHODS = ROUTE_METHODS
+
+#: The rule of each generation kind, as the log line's route.
+_RULES = {route.kind: route.rule for route in ROUTES if route.kind in ("chat", "completion")}
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -164,6 +169,8 @@ class Call:
     routes: Routes
     parsed: ParsedRequest
     stream: Stream
+    #: The request's log line, written when the answer is complete.
+    record: RequestRecord | None = None
 
     @property
     def streaming(self) -> bool:
@@ -182,7 +189,10 @@ class Call:
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
-        return Reply.json(response_body(self.parsed, completion), headers=headers)
+        reply = Reply.json(response_body(self.parsed, completion), headers=headers)
+        if self.record is not None:
+            self.record.finish(reply.status, self.stream.id)
+        return reply
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
@@ -190,11 +200,16 @@ class Call:
         framer = OpenAIFramer(
             self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
         )
+        record = self.record
+        if record is not None:
+            record.status = 200
+            record.deferred = True
         return StreamBody(
             self.stream,
             framer=framer,
             heartbeat=self.routes.heartbeat,
             start_timeout=self.routes.start_timeout,
+            on_close=None if record is None else lambda: record.finish(None, request_id),
         )
 
 
@@ -227,6 +242,11 @@ class Routes:
         self.heartbeat = heartbeat
         self.start_timeout = start_timeout
         self.timeout = timeout
+        # Submitted requests' log records by id, until their answer (weak: a Call that
+        # is dropped without one takes its record with it).
+        self._records: weakref.WeakValueDictionary[str, RequestRecord] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -245,8 +265,11 @@ class Routes:
         parsed = _PARSERS[kind](decode_json(raw), self.settings)
         request_id = valid_request_id(client_id)
         named = {} if request_id is None else {"request_id": request_id}
+        record = RequestRecord(method, _RULES.get(kind, kind))
         stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
-        return Call(self, parsed, stream)
+        record.stream = stream
+        self._records[stream.id] = record
+        return Call(self, parsed, stream, record)
 
     def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
         """The reply of a route that needs no generation (models, unknown URLs)."""
@@ -276,15 +299,21 @@ class Routes:
         if method != allowed:
             raise MethodNotAllowed(method, allowed)
 
-    @staticmethod
-    def failure(error: BaseException, request_id: str | None = None) -> Reply:
-        """The JSON reply for ``error`` (logged when the client can't read why)."""
+    def failure(self, error: BaseException, request_id: str | None = None) -> Reply:
+        """The JSON reply for ``error`` (logged when the client can't read why), and the
+        request's log line."""
         report(error, request_id)
         headers = {} if request_id is None else {REQUEST_ID_HEADER: request_id}
         allowed = getattr(error, "allowed", None)
         if allowed:
             headers["Allow"] = allowed
-        return error_reply(error, request_id, headers)
+        reply = error_reply(error, request_id, headers)
+        record = None if request_id is None else self._records.get(request_id)
+        if record is None:
+            record = RequestRecord(None, None)
+        record.error = error
+        record.finish(reply.status, request_id)
+        return reply
 
     @staticmethod
     def stream_headers(call: Call) -> dict[str, str]:

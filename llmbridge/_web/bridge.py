@@ -33,6 +33,7 @@ from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
 from .body import BodyFormat, StreamBody
+from .reqlog import RequestRecord
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -65,7 +66,32 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_threads": ("LLMBRIDGE_MAX_THREADS", 40),
     "max_processes": ("LLMBRIDGE_MAX_PROCESSES", None),
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
+    "metrics_path": ("LLMBRIDGE_METRICS_PATH", "/metrics"),
 }
+
+#: Where the current request's log record is kept, on the framework's ``g``.
+_RECORD_KEY = "_llmbridge_record"
+#: Where an authentication layer puts the principal's key id, on ``g``, for the log line.
+KEY_ID_ATTR = "llmbridge_key_id"
+
+
+def _record(web: Any) -> RequestRecord | None:
+    """The current request's log record, made on first use (``None`` outside a request)."""
+    if not web.has_request_context():
+        return None
+    g = web.g
+    record: RequestRecord | None = getattr(g, _RECORD_KEY, None)
+    if record is None:
+        request = web.request
+        rule = request.url_rule
+        record = RequestRecord(
+            request.method,
+            rule.rule if rule is not None else request.path,
+            key_id=getattr(g, KEY_ID_ATTR, None),
+            traceparent=request.headers.get("traceparent"),
+        )
+        setattr(g, _RECORD_KEY, record)
+    return record
 
 
 def valid_request_id(value: str | None) -> str | None:
@@ -117,6 +143,9 @@ def problem_parts(
     try:
         request_id = request_id or _current_request_id(web)
         log_answer(error, request_id)
+        record = _record(web)
+        if record is not None:
+            record.error = error
         body = problem(error, request_id)
         headers = problem_headers(error)
         headers[REQUEST_ID_HEADER] = request_id
@@ -186,6 +215,7 @@ class Bridge:
         self._check_options(options)
         _check_engine(engine)
         given = {**self._options, **options}
+        explicit_metrics = "metrics_path" in given or "LLMBRIDGE_METRICS_PATH" in app.config
         settings: dict[str, Any] = {}
         for name, (key, default) in self._settings_table.items():
             settings[name] = given[name] if name in given else app.config.get(key, default)
@@ -200,6 +230,33 @@ class Bridge:
         if LLMBridgeError not in app.error_handler_spec[None][None]:
             app.register_error_handler(LLMBridgeError, self._handler())
         self._install(app, state)
+        self._install_metrics(app, state, explicit_metrics)
+
+    def _install_metrics(self, app: Any, state: AppState, explicit: bool) -> None:
+        """Feed the app's engines into the ``llmbridge:`` metrics and serve them at the
+        ``metrics_path`` option (``None``: neither). Without prometheus-client that is
+        an ImportError if the option was given, else silently off."""
+        path = state.settings["metrics_path"]
+        if path is None:
+            return
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"metrics_path must be a path starting with / or None, got {path!r}")
+        try:
+            from . import metrics
+        except ImportError:
+            if explicit:
+                raise
+            return
+        metrics.instrument(state.engine)
+        if "llmbridge_metrics" in app.view_functions:
+            return  # a second init_app on the same app
+        app.add_url_rule(
+            path, "llmbridge_metrics", self._metrics_view(metrics.render_metrics), methods=["GET"]
+        )
+
+    def _metrics_view(self, render: Callable[[], tuple[bytes, str]]) -> Callable[[], Any]:
+        """The twin's ``/metrics`` view over ``render``."""
+        raise NotImplementedError
 
     def _handler(self) -> Callable[[LLMBridgeError], Any]:
         """The error handler the twin registers (sync for Flask, async for Quart)."""
@@ -303,6 +360,9 @@ class Bridge:
         else:
             stream = engine.submit(prompt, request_id=request_id, **params)
         _remember(self._web, stream.id)
+        record = _record(self._web)
+        if record is not None and record.stream is None:
+            record.stream = stream
         return stream
 
     def _submit(self, prompt: str | Stream, params: dict[str, Any]) -> Stream:
@@ -310,6 +370,9 @@ class Bridge:
             if params:
                 raise TypeError("parameters go to submit(), not with an already submitted stream")
             _remember(self._web, prompt.id)
+            record = _record(self._web)
+            if record is not None and record.stream is None:
+                record.stream = prompt
             return prompt
         return self.submit(prompt, **params)
 
@@ -337,6 +400,9 @@ class Bridge:
 
     def _body(self, stream: Stream, format: BodyFormat) -> StreamBody:
         settings = self._state().settings
+        record = _record(self._web)
+        if record is not None:
+            record.deferred = True  # the line is written when the body closes
 
         def closed() -> None:
             # A failure after the 200 was sent: the client got a generic error event.
@@ -348,6 +414,8 @@ class Bridge:
                 log_answer(error, stream.id)
             except RuntimeError:
                 pass  # not ended: the body was closed early, which cancelled it
+            if record is not None:
+                record.finish(request_id=stream.id)
 
         return StreamBody(
             stream,
@@ -371,9 +439,15 @@ class Bridge:
 
     def _tag(self, response: Any) -> Any:
         """``after_request``: the request's id on responses of views that used the bridge."""
-        request_id = getattr(self._web.g, _G_KEY, None)
+        g = self._web.g
+        request_id = getattr(g, _G_KEY, None)
         if request_id is not None and REQUEST_ID_HEADER not in response.headers:
             response.headers[REQUEST_ID_HEADER] = request_id
+        record: RequestRecord | None = getattr(g, _RECORD_KEY, None)
+        if record is not None:
+            record.status = response.status_code
+            if not record.deferred:
+                record.finish(request_id=request_id)
         return response
 
     # -- offload, awaited -------------------------------------------------------------
