@@ -32,6 +32,7 @@ from .._exceptions import Cancelled, LLMBridgeError
 from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
+from . import reqlog
 from .body import BodyFormat, StreamBody
 from .reqlog import RequestRecord
 
@@ -67,6 +68,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_processes": ("LLMBRIDGE_MAX_PROCESSES", None),
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
     "metrics_path": ("LLMBRIDGE_METRICS_PATH", "/metrics"),
+    "tracing": ("LLMBRIDGE_TRACING", False),
 }
 
 #: Where the current request's log record is kept, on the framework's ``g``.
@@ -231,6 +233,11 @@ class Bridge:
             app.register_error_handler(LLMBridgeError, self._handler())
         self._install(app, state)
         self._install_metrics(app, state, explicit_metrics)
+        if settings["tracing"]:
+            from .tracing import enable_tracing
+
+            if reqlog.tracer is None:
+                enable_tracing()
 
     def _install_metrics(self, app: Any, state: AppState, explicit: bool) -> None:
         """Feed the app's engines into the ``llmbridge:`` metrics and serve them at the
