@@ -79,6 +79,11 @@ class FlaskBridge(Bridge):
     ``max_threads``           ``LLMBRIDGE_MAX_THREADS``    :meth:`to_thread` pool size (40)
     ``max_processes``         ``LLMBRIDGE_MAX_PROCESSES``  :meth:`to_process` pool (CPUs)
     ``offload_timeout``       ``LLMBRIDGE_OFFLOAD_TIMEOUT``  default offload deadline
+    ``metrics_path``          ``LLMBRIDGE_METRICS_PATH``   serve the ``llmbridge:`` metrics
+                                                           here (``"/metrics"``; ``None``:
+                                                           off; needs ``[metrics]``)
+    ``tracing``               ``LLMBRIDGE_TRACING``        a span per request (False;
+                                                           needs ``[otel]``)
     ========================  ===========================  ==================================
 
     Follows Flask's extension pattern: ``FlaskBridge(app, ...)`` or ``init_app(app)``

@@ -364,6 +364,12 @@ class Engine(Closing):
 
     def _job_ended(self, job: Job) -> None:
         self._release_id(job.request.id, self._ids_in_use)
+        observer = self._observer
+        if observer is not None:
+            try:
+                observer.job_ended()
+            except Exception:
+                logger.exception("%s: observer %r failed", self.name, observer)
 
     def _left_queue(self) -> None:
         with self._lock:

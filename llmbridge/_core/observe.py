@@ -35,5 +35,9 @@ class Observer(Protocol):
         """A request ended (finished, failed, cancelled): once per request, retries or
         not, read ``channel.outcome()``."""
 
+    def job_ended(self) -> None:
+        """A backend job ended: the engine's running count changed (a cancelled
+        request's job ends after its channel, once the engine thread dropped it)."""
+
     def step(self, batch_size: int) -> None:
         """The backend ran one step (or dispatched one batch) of ``batch_size`` requests."""

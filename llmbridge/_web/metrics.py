@@ -183,7 +183,11 @@ class EngineMetrics:
         self._outcomes = {reason: OUTCOMES.labels(name, reason) for reason in _REASONS}
         self._outcomes["rejected"] = OUTCOMES.labels(name, "rejected")
         self._outcomes["other"] = OUTCOMES.labels(name, "other")
-        reporter = getattr(engine.backend, "metrics", None)
+        # The backend's own gauges, or its step generator's (a StepBackend's).
+        backend = engine.backend
+        reporter = getattr(backend, "metrics", None)
+        if not callable(reporter):
+            reporter = getattr(getattr(backend, "generator", None), "metrics", None)
         self._backend_metrics = reporter if callable(reporter) else None
         self._next_backend_read = 0.0
 
@@ -198,6 +202,10 @@ class EngineMetrics:
     def request_admitted(self) -> None:
         """A request was queued: refresh the waiting gauge."""
         self._waiting.set(self.engine.queued)
+
+    def job_ended(self) -> None:
+        """A backend job ended (or left the queue unstarted): refresh both gauges."""
+        self._gauges()
 
     def request_rejected(self, error: BaseException) -> None:
         """A submit was refused at once: count it ``rejected``."""
