@@ -46,6 +46,7 @@ class Channel:
         "_on_cancel",
         "_on_end",
         "_on_space",
+        "_outcome",
         "_parts",
         "_prompt_tokens",
         "_space_waiter",
@@ -90,6 +91,7 @@ class Channel:
         self._t_first: float | None = None
         self._t_end: float | None = None
         self._on_cancel = on_cancel
+        self._outcome: Outcome | None = None
         #: What the policies did with the request (``"cache_hit"``, ``"coalesced"``),
         #: for metrics and the log line; ``None`` until the first :meth:`note`.
         self.notes: list[str] | None = None
@@ -104,10 +106,12 @@ class Channel:
     def outcome(self) -> Outcome:
         """How the request went so far (:class:`Outcome`), ended or not, failed or not.
         Never blocks for long (the channel's lock); any thread."""
+        if self._outcome is not None:
+            return self._outcome  # an ended channel's never changes: built once
         with self._lock:
             submitted = self.request.submitted_at
             end = self._t_end if self._t_end is not None else time.monotonic()
-            return Outcome(
+            outcome = Outcome(
                 id=self.request.id,
                 finish_reason=self._finish_reason if self._state != _RUNNING else "",
                 error=self._error,
@@ -118,6 +122,9 @@ class Channel:
                 total=end - submitted,
                 notes=tuple(self.notes) if self.notes else (),
             )
+            if self._state != _RUNNING:
+                self._outcome = outcome
+            return outcome
 
     # -- producer side -------------------------------------------------------------
 

@@ -132,6 +132,8 @@ _backend_gauges_lock = threading.Lock()
 
 #: How often (seconds) a backend's own ``metrics()`` is read, at most.
 BACKEND_METRICS_INTERVAL = 1.0
+#: How often (seconds) steps refresh the running and waiting gauges, at most.
+GAUGES_INTERVAL = 0.05
 
 
 def _backend_gauge(key: str) -> Gauge | None:
@@ -190,6 +192,7 @@ class EngineMetrics:
             reporter = getattr(getattr(backend, "generator", None), "metrics", None)
         self._backend_metrics = reporter if callable(reporter) else None
         self._next_backend_read = 0.0
+        self._next_gauges = 0.0
 
     def __repr__(self) -> str:
         return f"<EngineMetrics {self.engine.name!r}>"
@@ -239,17 +242,20 @@ class EngineMetrics:
             self._prompt.inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
             self._generated.inc(outcome.completion_tokens)
-        self._gauges()
+        # The gauges: job_ended() sets them, once the backend job is gone too.
 
     def step(self, batch_size: int) -> None:
         """One backend step of ``batch_size`` requests."""
         self._batch.observe(batch_size)
-        self._gauges()
-        if self._backend_metrics is not None:
-            now = time.monotonic()
-            if now >= self._next_backend_read:
-                self._next_backend_read = now + BACKEND_METRICS_INTERVAL
-                self.read_backend_metrics()
+        # The gauges change at admission and at each end, where they are set; here they
+        # only catch requests starting, so a few times a second is enough.
+        now = time.monotonic()
+        if now >= self._next_gauges:
+            self._next_gauges = now + GAUGES_INTERVAL
+            self._gauges()
+        if self._backend_metrics is not None and now >= self._next_backend_read:
+            self._next_backend_read = now + BACKEND_METRICS_INTERVAL
+            self.read_backend_metrics()
 
     def read_backend_metrics(self) -> None:
         """Copy the backend's ``metrics()`` (``{name: value}``) into ``llmbridge:<name>``

@@ -117,6 +117,12 @@ class RequestRecord:
                 key_id=self.key_id,
             )
         if LOGGER.isEnabledFor(logging.INFO):
-            LOGGER.info(request_message(fields), extra=fields)
+            # makeRecord + handle is what info() does, less its stack walk for the
+            # caller's file and line, which would only ever name this function.
+            record = LOGGER.makeRecord(
+                LOGGER.name, logging.INFO, __file__, 0, request_message(fields), (), None,
+                extra=fields,
+            )  # fmt: skip
+            LOGGER.handle(record)
         if tracer is not None:
             tracer(fields, self.traceparent, self.started_ns)
