@@ -3,7 +3,9 @@
 ``starlette_app`` is the reference (an async generator, no engine). The others stream
 the same async generator through an llmbridge engine: ``quart_app`` (QuartBridge),
 ``flask_llmbridge`` (FlaskBridge under llmbridge.asgi), ``flask_a2wsgi`` and
-``flask_asgiref`` (the same Flask app under a2wsgi and asgiref's WsgiToAsgi).
+``flask_asgiref`` (the same Flask app under a2wsgi and asgiref's WsgiToAsgi). Every
+Flask app also serves the OpenAI blueprint (``POST /v1/chat/completions``), and
+``starlette_app`` an OpenAI-shaped native twin of it, for the ``/v1`` rows.
 """
 
 from __future__ import annotations
@@ -17,22 +19,6 @@ from typing import Any
 TOKENS = int(os.environ.get("BENCH_TOKENS", "20"))
 GAP = float(os.environ.get("BENCH_GAP", "0.05"))
 POOL = int(os.environ.get("BENCH_POOL", "8"))
-# The view hands the stream over before its first token (the adapter awaits it on the
-# loop) instead of bridge.sse() waiting for it on the worker thread.
-DEFERRED = os.environ.get("BENCH_DEFERRED") == "1"
-
-
-def _deferred_sse(stream: Any) -> Any:
-    from flask import Response, request
-
-    from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
-
-    body = StreamBody(stream, heartbeat=None)
-    return Response(
-        request.environ[ASYNC_BODY_KEY](body),
-        content_type=body.media_type,
-        direct_passthrough=True,
-    )
 
 
 async def tokens(prompt: str, **_: Any) -> AsyncIterator[str]:
@@ -64,7 +50,20 @@ def __getattr__(name: str) -> Any:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/sse", sse)])
+        async def chat(request: Any) -> StreamingResponse:
+            prompt = (await request.json())["messages"][-1]["content"]
+
+            async def chunks() -> AsyncIterator[bytes]:
+                async for text in tokens(prompt):
+                    delta = {"choices": [{"index": 0, "delta": {"content": text}}]}
+                    yield f"data: {json.dumps(delta)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        return Starlette(
+            routes=[Route("/sse", sse), Route("/v1/chat/completions", chat, methods=["POST"])]
+        )
     if name == "quart_app":
         from quart import Quart, request
 
@@ -82,14 +81,15 @@ def __getattr__(name: str) -> Any:
         from flask import Flask, request
 
         from llmbridge.flask import FlaskBridge
+        from llmbridge.openai import flask_blueprint
 
         flask_app = Flask(__name__)
-        flask_bridge = FlaskBridge(flask_app, engine=_engine(), heartbeat=None)
+        engine = _engine()
+        flask_bridge = FlaskBridge(flask_app, engine=engine, heartbeat=None)
+        flask_app.register_blueprint(flask_blueprint(engine))
 
         @flask_app.get("/sse")
         def flask_sse() -> Any:
-            if DEFERRED:
-                return _deferred_sse(flask_bridge.submit(request.args["prompt"]))
             return flask_bridge.sse(request.args["prompt"])
 
         if name == "flask_llmbridge":

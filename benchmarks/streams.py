@@ -6,14 +6,21 @@ done), first-token p50/p99, peak threads and peak RSS of the server process, and
 wall-time ratio to native Starlette. A run that passes ``--cutoff`` seconds is stopped
 and reported with the number of streams that finished.
 
-    python benchmarks/streams.py            # --quick: 200 and 1,000 streams, 30 s cut-off
-    python benchmarks/streams.py --full     # 120 s cut-off
+    python benchmarks/streams.py                      # 200 and 1,000 streams, 30 s cut-off
+    python benchmarks/streams.py --streams 200 1000 3000 --full   # 120 s cut-off
+    python benchmarks/streams.py --only native llmbridge --v1     # also the /v1 rows
+
+``CPU ms/req`` is the server process's CPU time per finished stream: on a shared,
+noisy machine it moves far less than wall time. ``--v1`` adds the OpenAI route
+(``POST /v1/chat/completions``, ``"stream": true``) for native Starlette and Flask +
+llmbridge.asgi; its ratio is to native ``/v1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -31,9 +38,12 @@ SERVERS = [
     ("starlette (native)", "stream_apps:starlette_app"),
     ("quart + bridge", "stream_apps:quart_app"),
     ("flask + llmbridge.asgi", "stream_apps:flask_llmbridge"),
-    ("flask + llmbridge.asgi (deferred)", "stream_apps:flask_llmbridge"),
     ("flask + a2wsgi", "stream_apps:flask_a2wsgi"),
     ("flask + asgiref WsgiToAsgi", "stream_apps:flask_asgiref"),
+]
+V1_SERVERS = [
+    ("starlette (native) /v1", "stream_apps:starlette_app"),
+    ("flask + llmbridge.asgi /v1", "stream_apps:flask_llmbridge"),
 ]
 
 
@@ -47,6 +57,7 @@ class Result:
     first_tokens: list[float] = field(default_factory=list)
     peak_threads: int = 0
     peak_rss_mb: float = 0.0
+    cpu: float = 0.0  # the server process's CPU seconds (user + system) during the load
 
 
 def proc_status(pid: int) -> tuple[int, float]:
@@ -62,13 +73,36 @@ def proc_status(pid: int) -> tuple[int, float]:
     return threads, rss
 
 
+def request_bytes(prompt: str, v1: bool) -> bytes:
+    if not v1:
+        return (
+            f"GET /sse?prompt={prompt} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Accept: text/event-stream\r\n\r\n"
+        ).encode()
+    body = json.dumps(
+        {"model": "llmbridge", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far: less noisy than wall time on a busy box."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def one_stream(port: int, prompt: str, started: float, result: Result) -> None:
+    v1 = result.server.endswith("/v1")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(
-            f"GET /sse?prompt={prompt} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode()
-        )
+        writer.write(request_bytes(prompt, v1))
         await writer.drain()
         seen = b""
         first = False
@@ -80,7 +114,7 @@ async def one_stream(port: int, prompt: str, started: float, result: Result) -> 
             if not first and b"data: {" in seen:
                 first = True
                 result.first_tokens.append(time.perf_counter() - started)
-            if b"event: done" in seen or b"event: error" in seen:
+            if b"event: done" in seen or b"event: error" in seen or b"data: [DONE]" in seen:
                 result.finished += 1
                 return
     finally:
@@ -102,10 +136,12 @@ async def run_load(name: str, port: int, pid: int, n: int, cutoff: float) -> Res
                 pass
 
     sampler = asyncio.create_task(sample())
+    cpu_before = cpu_seconds(pid)
     started = time.perf_counter()
     tasks = [asyncio.create_task(one_stream(port, f"s{i}", started, result)) for i in range(n)]
     done, pending = await asyncio.wait(tasks, timeout=cutoff)
     result.wall = time.perf_counter() - started
+    result.cpu = cpu_seconds(pid) - cpu_before
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -120,7 +156,6 @@ async def run_load(name: str, port: int, pid: int, n: int, cutoff: float) -> Res
 
 def serve(name: str, target: str, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    env["BENCH_DEFERRED"] = "1" if "deferred" in name else "0"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
@@ -159,18 +194,25 @@ def pct(values: list[float], q: float) -> float:
 def table(results: list[Result]) -> str:
     lines = [
         f"| {'server':<34} | {'streams':>7} | {'done':>5} | {'wall s':>7} | {'x native':>8} "
-        f"| {'1st p50 s':>9} | {'1st p99 s':>9} | {'threads':>7} | {'RSS MB':>6} |",
+        f"| {'1st p50 s':>9} | {'1st p99 s':>9} | {'threads':>7} | {'RSS MB':>6} "
+        f"| {'CPU ms/req':>10} |",
         f"|{'-' * 36}|{'-' * 9}:|{'-' * 6}:|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|{'-' * 10}:"
-        f"|{'-' * 8}:|{'-' * 7}:|",
+        f"|{'-' * 8}:|{'-' * 7}:|{'-' * 11}:|",
     ]
-    native = {r.streams: r.wall for r in results if r.server.startswith("starlette")}
+    native = {
+        (r.streams, r.server.endswith("/v1")): r.wall
+        for r in results
+        if r.server.startswith("starlette")
+    }
     for r in results:
         wall = f"{'>' if r.cut else ''}{r.wall:.1f}"
-        ratio = f"{r.wall / native[r.streams]:.2f}" if r.streams in native else "-"
+        base = native.get((r.streams, r.server.endswith("/v1")))
+        ratio = f"{r.wall / base:.2f}" if base else "-"
         lines.append(
             f"| {r.server:<34} | {r.streams:>7} | {r.finished:>5} | {wall:>7} | {ratio:>8} "
             f"| {pct(r.first_tokens, 50):>9.2f} | {pct(r.first_tokens, 99):>9.2f} "
-            f"| {r.peak_threads:>7} | {r.peak_rss_mb:>6.0f} |"
+            f"| {r.peak_threads:>7} | {r.peak_rss_mb:>6.0f} "
+            f"| {1000 * r.cpu / max(r.finished, 1):>10.2f} |"
         )
     return "\n".join(lines)
 
@@ -182,11 +224,13 @@ def main() -> None:
     mode.add_argument("--full", action="store_true", help="120 s cut-off")
     parser.add_argument("--streams", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--only", nargs="+", help="server names to run (substring match)")
+    parser.add_argument("--v1", action="store_true", help="also the OpenAI /v1 rows")
     args = parser.parse_args()
     cutoff = 120.0 if args.full else 30.0
     results: list[Result] = []
+    servers = SERVERS + (V1_SERVERS if args.v1 else [])
     for n in args.streams:
-        for name, target in SERVERS:
+        for name, target in servers:
             if args.only and not any(o in name for o in args.only):
                 continue
             print(f"{name}: {n} streams ...", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from typing import Any
 from wsgiref.validate import validator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from asgi_driver import Client, request
 
@@ -109,6 +110,62 @@ async def test_headers_are_cgi_named_and_duplicates_joined() -> None:
     assert "HTTP_CONTENT_LENGTH" not in env
     assert env["HTTP_X_LATIN"] == "café"
     assert env["HTTP_ACCEPT"] == "*/*"
+
+
+async def test_duplicate_header_limit_is_asgirefs_option_and_answers_431() -> None:
+    """``duplicate_header_limit`` (asgiref's option, default 100) is accepted; one header
+    name repeated more often is a 431 problem+json the app never sees."""
+    seen: list[Environ] = []
+    app = WSGIMiddleware(echo_environ(seen), duplicate_header_limit=3)
+    ok = await request(app, headers=[(b"x-a", b"1")] * 3)
+    assert ok.status == 200
+    assert seen[0]["HTTP_X_A"] == "1,1,1"
+    over = await request(app, headers=[(b"x-a", b"1")] * 4)
+    assert over.status == 431
+    assert over.header("content-type") == "application/problem+json"
+    assert over.json()["status"] == 431
+    assert len(seen) == 1
+    default = await request(to_asgi(echo_environ(seen)), headers=[(b"x-b", b"v")] * 101)
+    assert default.status == 431
+    with pytest.raises(ValueError, match="duplicate_header_limit"):
+        WSGIMiddleware(echo_environ([]), duplicate_header_limit=-1)
+
+
+async def test_many_duplicate_headers_join_in_one_pass_without_a_limit() -> None:
+    """50,000 duplicates with the limit off: every value arrives, joined once, in order."""
+    seen: list[Environ] = []
+    values = [str(i).encode() for i in range(50_000)]
+    app = WSGIMiddleware(echo_environ(seen), duplicate_header_limit=None)
+    response = await request(app, headers=[(b"x-many", v) for v in values])
+    assert response.status == 200
+    assert seen[0]["HTTP_X_MANY"] == ",".join(v.decode() for v in values)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/x", ("/api", "/x")),
+        ("/x", ("/api", "/x")),
+        ("/api", ("/api", "")),
+        ("/apix", ("/api", "/apix")),
+    ],
+)
+async def test_script_name_option_is_the_mount_prefix(path: str, expected: tuple[str, str]) -> None:
+    """``script_name=`` (default ``$SCRIPT_NAME``) becomes SCRIPT_NAME; a path under it
+    loses the prefix, one beside it (``/apix``) keeps its path."""
+    seen: list[Environ] = []
+    await request(WSGIMiddleware(echo_environ(seen), script_name="/api/"), "GET", path)
+    assert (seen[0]["SCRIPT_NAME"], seen[0]["PATH_INFO"]) == expected
+
+
+async def test_script_name_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a2wsgi, the ``SCRIPT_NAME`` environment variable is the default prefix."""
+    monkeypatch.setenv("SCRIPT_NAME", "/mnt")
+    seen: list[Environ] = []
+    await request(to_asgi(echo_environ(seen)), "GET", "/mnt/y")
+    assert (seen[0]["SCRIPT_NAME"], seen[0]["PATH_INFO"]) == ("/mnt", "/y")
+    with pytest.raises(ValueError, match="script_name"):
+        WSGIMiddleware(echo_environ([]), script_name="api")
 
 
 async def test_header_names_with_underscores_are_dropped() -> None:
@@ -643,6 +700,72 @@ async def test_wsgi_calls_run_on_a_bounded_pool_in_one_thread_each() -> None:
     assert len(responses) == 12
     assert peak <= workers
     assert all(same_thread)
+
+
+async def test_a_queued_wsgi_call_starts_without_waiting_for_the_loop() -> None:
+    """With the pool full, the next call starts on the thread that just finished, even
+    while the loop is busy: queued requests don't each wait a loop round-trip for a
+    thread (what made Flask's streams scale worse than native ones)."""
+    first_started = threading.Event()
+    release_first = threading.Event()
+    second_started = threading.Event()
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        if environ["PATH_INFO"] == "/first":
+            first_started.set()
+            release_first.wait(10)
+            # Fail before any byte: the thread is free without the loop's help (a
+            # response would need the loop to send it).
+            raise RuntimeError("first done")
+        else:
+            second_started.set()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    adapter = to_asgi(app, workers=1)
+    responses: list[Any] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _append(responses, request(adapter, "GET", "/first")))
+        assert await anyio.to_thread.run_sync(first_started.wait, 10)
+        tg.start_soon(lambda: _append(responses, request(adapter, "GET", "/second")))
+        for _ in range(20):  # let the second request reach the pool's queue
+            await anyio.lowlevel.checkpoint()
+        # Block the loop itself: only the pool can start the second call now.
+        release_first.set()
+        assert second_started.wait(10), "the queued call waited for the loop"
+    assert sorted(r.status for r in responses) == [200, 500]
+
+
+async def test_a_body_that_came_with_the_request_is_read_without_the_loop() -> None:
+    """A body whose one message arrived with the request (most POSTs) is in wsgi.input
+    already: the app reads it while the loop is busy, holding its thread no longer."""
+    entered = threading.Event()
+    go = threading.Event()
+    done_reading = threading.Event()
+    got: list[bytes] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> list[bytes]:
+        entered.set()
+        go.wait(10)
+        got.append(environ["wsgi.input"].read())
+        done_reading.set()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    responses: list[Any] = []
+    adapter = to_asgi(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _append(responses, request(adapter, "POST", body=[b'{"a": 1}'])))
+        assert await anyio.to_thread.run_sync(entered.wait, 10)
+        go.set()
+        # The loop is blocked here: a read that needed it could not finish.
+        assert done_reading.wait(10), "wsgi.input went back to the loop for a body it had"
+    assert got == [b'{"a": 1}']
+    assert responses[0].status == 200
+
+
+async def _append(into: list[Any], awaitable: Any) -> None:
+    into.append(await awaitable)
 
 
 async def test_contextvars_set_in_the_app_are_seen_by_its_iteration() -> None:

@@ -221,3 +221,163 @@ async def test_gunicorn_preload_two_workers_stream_and_drain_on_sigterm(
         assert server.proc.wait(30) == 0
         lines = read_text(shutdown_file).split()
         assert lines.count("shutdown") == 2, server.log()
+
+
+BODIES: list[tuple[str, dict[str, Any], Any]] = [
+    ("get_json", {"json": {"a": [1, 2], "b": "é"}}, {"a": [1, 2], "b": "é"}),
+    ("json", {"json": {"x": 1}}, {"x": 1}),
+    ("form", {"data": {"name": "ada", "lang": "py"}}, {"name": "ada", "lang": "py"}),
+    ("files", {"files": {"doc": ("a.txt", b"file body")}}, {"doc": "file body"}),
+    ("data", {"content": b"raw bytes " * 1000}, "raw bytes " * 1000),
+    ("get_data", {"content": b"plain"}, "plain"),
+    ("stream", {"content": b"streamed " * 20_000}, "streamed " * 20_000),
+]
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_every_body_accessor_works_in_sync_and_async_views(
+    uvicorn: Server,
+) -> None:
+    """request.get_json/json/form/files/data/get_data/stream.read from a sync view and from
+    an async def view (which runs on the bridge's loop thread, no anyio worker): all
+    read the whole body; none is a 500."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        for accessor, kwargs, expected in BODIES:
+            for kind in ("body", "abody"):
+                response = await client.post(f"{uvicorn.url}/{kind}/{accessor}", **kwargs)
+                assert response.status_code == 200, (kind, accessor, response.text)
+                assert response.json()["got"] == expected, (kind, accessor)
+    assert "NoEventLoopError" not in uvicorn.log()
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_know(
+    uvicorn: Server,
+) -> None:
+    """A StreamBody over an engine nobody told the adapter about, iterated on the worker
+    thread (a wrapping middleware): SIGTERM still ends it with its final event at the
+    drain deadline, and the server exits."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        decoder = SSEDecoder()
+        got: list[ServerSentEvent] = []
+        async with client.stream("GET", f"{uvicorn.url}/unknown?prompt=u") as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_bytes():
+                got.extend(decoder.feed(chunk))
+                if len(got) == 1:
+                    uvicorn.proc.send_signal(signal.SIGTERM)
+    assert got[-1].event == "error", got[-3:]
+    assert got[-1].json()["error"] == "EngineClosed"
+    assert uvicorn.proc.wait(20) is not None
+
+
+def mounted_outcome(adapter: str, path: str, *, root_path: str = "", env: Any = None) -> Any:
+    args = [
+        PYTHON, "-m", "uvicorn", f"asgi_apps:mount_{adapter}",
+        "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
+    ]  # fmt: skip
+    if root_path:
+        args += ["--root-path", root_path]
+    with run_server(args, port=free_port(), env=env, ready_timeout=60) as server:
+        response = httpx.get(f"{server.url}{path}", timeout=30)
+        return response.status_code, response.json() if response.status_code == 200 else None
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_root_path_matches_asgiref_and_a2wsgi() -> None:
+    """uvicorn --root-path /api, as behind a proxy that strips /api (the client's /api/hello
+    arrives as /hello) and one that doesn't (it arrives as /api/hello): the same status,
+    script_root and path as asgiref's WsgiToAsgi and a2wsgi."""
+    for path in ("/hello", "/api/hello"):
+        ours = mounted_outcome("ours", path, root_path="/api")
+        assert ours == mounted_outcome("asgiref", path, root_path="/api"), path
+        assert ours == mounted_outcome("a2wsgi", path, root_path="/api"), path
+    assert mounted_outcome("ours", "/hello", root_path="/api") == (
+        200,
+        {"script_root": "/api", "path": "/hello"},
+    )
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_script_name_environment_variable_mounts_the_app() -> None:
+    """SCRIPT_NAME=/api in the server's environment (a2wsgi's convention): url_for and
+    script_root see /api behind either proxy; a forwarded /api prefix is stripped from
+    PATH_INFO too (gunicorn's rule), where a2wsgi keeps it and answers 404."""
+    env = {"SCRIPT_NAME": "/api"}
+    stripped = (200, {"script_root": "/api", "path": "/hello"})
+    assert mounted_outcome("ours", "/hello", env=env) == stripped
+    assert mounted_outcome("a2wsgi", "/hello", env=env) == stripped
+    assert mounted_outcome("ours", "/api/hello", env=env) == stripped
+    assert mounted_outcome("a2wsgi", "/api/hello", env=env)[0] == 404  # the documented difference
+
+
+@pytest.mark.timeout(90)
+async def test_gunicorn_sigterm_ends_a_body_over_an_engine_the_adapter_doesnt_know(
+    shutdown_file: Path,
+) -> None:
+    """gunicorn -k uvicorn_worker.UvicornWorker: as under uvicorn, a body the drain only
+    knows from ASYNC_BODY_KEY ends with event: error, and a /v1 stream with OpenAI's
+    error event; the workers exit 0."""
+    env = {"ASGI_TEST_SHUTDOWN_FILE": str(shutdown_file), "ASGI_TEST_DRAIN": "1"}
+    with run_server(gunicorn_args(), port=free_port(), env=env, ready_timeout=60) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            v1: list[Any] = []
+
+            async def v1_stream() -> None:
+                v1.extend(await read_v1_until_signal(client, server.url, server))
+
+            got: list[ServerSentEvent] = []
+            decoder = SSEDecoder()
+
+            async def unknown_stream() -> None:
+                url = f"{server.url}/unknown?prompt=g"
+                async with client.stream("GET", url) as response:
+                    assert response.status_code == 200
+                    async for chunk in response.aiter_bytes():
+                        got.extend(decoder.feed(chunk))
+                        if len(got) == 1:
+                            server.proc.send_signal(signal.SIGTERM)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(unknown_stream)
+                tg.start_soon(v1_stream)
+        assert got[-1].event == "error", got[-3:]
+        assert got[-1].json()["error"] == "EngineClosed"
+        assert "error" in v1[-1], v1[-3:]
+        assert server.proc.wait(30) == 0
+
+
+V1_STREAM = {
+    "model": "llmbridge",
+    "stream": True,
+    "max_tokens": 4000,
+    "messages": [{"role": "user", "content": "drain me"}],
+}
+
+
+async def read_v1_until_signal(client: httpx.AsyncClient, url: str, server: Server) -> list[Any]:
+    """Stream a /v1 chat completion, SIGTERM the server after its first event; the
+    events' JSON (``[DONE]`` as the string)."""
+    events: list[Any] = []
+    decoder = SSEDecoder()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=V1_STREAM) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_bytes():
+            for event in decoder.feed(chunk):
+                events.append("[DONE]" if event.data == "[DONE]" else event.json())
+                if len(events) == 1:
+                    server.proc.send_signal(signal.SIGTERM)
+    return events
+
+
+@pytest.mark.timeout(60)
+async def test_uvicorn_sigterm_ends_a_v1_stream_with_its_final_error_event(
+    uvicorn: Server,
+) -> None:
+    """A /v1 chat stream open at SIGTERM ends with OpenAI's error event and a clean end
+    of the body (no cut connection); the server exits."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await read_v1_until_signal(client, uvicorn.url, uvicorn)
+    assert "error" in events[-1], events[-3:]
+    assert events[-1]["error"]["message"]
+    assert uvicorn.proc.wait(20) is not None

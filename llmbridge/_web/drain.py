@@ -21,6 +21,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from types import FrameType
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from .._exceptions import EngineClosed
 from .body import StreamBody
 
-__all__ = ["Drain", "call_hook", "find_engines"]
+__all__ = ["Drain", "as_hooks", "call_hook", "engines_of", "find_engines"]
 
 logger = logging.getLogger("llmbridge")
 
@@ -54,7 +55,9 @@ class Drain:
         self._admitting = True
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
-        self._bodies: set[StreamBody] = set()
+        # Weak: a body a WSGI middleware iterated and never closed must not stay here.
+        self._bodies: weakref.WeakSet[StreamBody] = weakref.WeakSet()
+        self._bodies_lock = threading.Lock()  # bodies come and go on the app's threads
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engines: Callable[[], list[Any]] = list
@@ -69,6 +72,17 @@ class Drain:
     def in_flight(self) -> int:
         """Requests that entered and have not left yet."""
         return self._in_flight
+
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind` attached it to a serving loop."""
+        return self._loop is not None
+
+    @property
+    def open_bodies(self) -> int:
+        """Stream bodies handed out and not closed yet (the drain ends them)."""
+        with self._bodies_lock:
+            return len(self._bodies)
 
     def refusal(self) -> EngineClosed:
         """The error new requests get while draining (503, ``Retry-After``)."""
@@ -85,12 +99,14 @@ class Drain:
             self._idle.set()
 
     def track(self, body: StreamBody) -> None:
-        """Remember a body pumped on the loop, to end it if the deadline passes."""
-        self._bodies.add(body)
+        """Remember an open body, to end it if the deadline passes. Thread-safe."""
+        with self._bodies_lock:
+            self._bodies.add(body)
 
     def untrack(self, body: StreamBody) -> None:
-        """Forget a body that ended."""
-        self._bodies.discard(body)
+        """Forget a body that ended. Thread-safe."""
+        with self._bodies_lock:
+            self._bodies.discard(body)
 
     # -- starting ---------------------------------------------------------------------
 
@@ -171,10 +187,12 @@ class Drain:
             await asyncio.gather(*closers)
         # Bodies over engines we were not told about: end them the same way.
         error = EngineClosed("the server shut down before the request finished")
-        for body in list(self._bodies):
+        with self._bodies_lock:
+            bodies = list(self._bodies)
+        for body in bodies:
             body.stream.channel.fail(error)
-        if self._bodies:
-            logger.info("draining: ended %d stream(s) at the deadline", len(self._bodies))
+        if bodies:
+            logger.info("draining: ended %d open stream(s) at the deadline", len(bodies))
 
 
 async def _close(engine: Any, timeout: float) -> None:
@@ -188,45 +206,64 @@ async def _close(engine: Any, timeout: float) -> None:
         logger.exception("closing %r failed", engine)
 
 
-def find_engines(*sources: Any) -> list[Any]:
-    """Engines reachable from ``sources``: engines, submitters wrapping one (``.engine``),
-    bridges, or apps holding a bridge in ``app.extensions["llmbridge"]``. Deduplicated,
-    in the order found. Never raises."""
-    from .._core.engine import Engine
+def _engine_like(obj: Any) -> bool:
+    return callable(getattr(obj, "start", None)) and (
+        callable(getattr(obj, "aclose", None)) or callable(getattr(obj, "close", None))
+    )
 
+
+def engines_of(*sources: Any) -> list[Any]:
+    """The engines to start and close for ``sources``, by an explicit contract.
+
+    Each source is one of: a *bridge*, anything whose class has an ``engines``
+    attribute (``FlaskBridge.engines``), whose engines are taken; an *engine*,
+    anything with ``start()`` and ``aclose()`` or ``close()`` (:class:`~llmbridge.Engine`,
+    :class:`~llmbridge.policies.Pipeline`, a remote submitter), taken as it is; or an
+    *app* whose ``extensions["llmbridge"]`` is a bridge (Flask, Quart) with ``engines``
+    or a single ``engine``.
+    Nothing else is searched: an app wrapped in other WSGI middleware passes its engines
+    with ``engines=``. Deduplicated by identity, in order. Never raises, never blocks.
+    """
     found: list[Any] = []
     seen: set[int] = set()
 
-    def visit(obj: Any, depth: int) -> None:
-        if obj is None or depth > 5 or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, Engine):
+    def add(obj: Any) -> None:
+        if obj is not None and id(obj) not in seen and _engine_like(obj):
+            seen.add(id(obj))
             found.append(obj)
-            return
-        if isinstance(obj, list | tuple | set | frozenset):
-            for item in obj:
-                visit(item, depth + 1)
-            return
-        before = len(found)
-        extensions = getattr(obj, "extensions", None)
-        if isinstance(extensions, dict):
-            visit(extensions.get("llmbridge"), depth + 1)
-        for name in ("engine", "_engine", "engines", "submitter", "inner", "_inner"):
-            try:
-                inner = getattr(obj, name, None)
-            except Exception:  # a property that needs a context (a bridge outside a request)
-                continue
-            if inner is not obj:
-                visit(inner, depth + 1)
-        if len(found) == before and all(
-            callable(getattr(obj, name, None)) for name in ("start", "aclose", "submit")
-        ):
-            found.append(obj)  # an engine-like submitter of another kind
+
+    def add_bridge(bridge: Any) -> bool:
+        try:
+            engines = getattr(bridge, "engines", None)
+            if engines is None:
+                # A bridge with one engine (QuartBridge) names it ``engine``.
+                engine = getattr(bridge, "engine", None)
+                engines = None if engine is None else [engine]
+        except Exception:  # a property that needs a context it doesn't have
+            return False
+        if engines is None:
+            return False
+        for engine in list(engines):
+            add(engine)
+        return True
 
     for source in sources:
-        visit(source, 0)
+        if source is None:
+            continue
+        if hasattr(type(source), "engines"):  # a bridge (it may have start/close too)
+            add_bridge(source)
+            continue
+        if _engine_like(source):
+            add(source)
+            continue
+        extensions = getattr(source, "extensions", None)
+        if isinstance(extensions, dict) and extensions.get("llmbridge") is not None:
+            add_bridge(extensions["llmbridge"])
     return found
+
+
+#: The former name of :func:`engines_of` (the Quart bridge calls it so).
+find_engines = engines_of
 
 
 async def call_hook(hook: Callable[[], Any]) -> None:
