@@ -41,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .._core.channel import Channel
 from .._core.engine import Engine
 from .._exceptions import Cancelled, CircuitOpen, Overloaded, RateLimited
-from .drain import find_engines
+from .drain import engines_of
 
 __all__ = [
     "BUCKETS",
@@ -280,7 +280,7 @@ def instrument(*sources: Any) -> list[EngineMetrics]:
     its :class:`EngineMetrics`; one with another observer is left alone (logged). Returns
     the engines' metrics. Never blocks; call it before the engines serve."""
     found: list[EngineMetrics] = []
-    for engine in find_engines(*sources):
+    for engine in _engines(*sources):
         observer = engine.observer
         if isinstance(observer, EngineMetrics):
             found.append(observer)
@@ -290,6 +290,22 @@ def instrument(*sources: Any) -> list[EngineMetrics]:
             found.append(metrics)
         else:
             logger.warning("%s already has observer %r: not instrumented", engine.name, observer)
+    return found
+
+
+def _engines(*sources: Any) -> list[Engine]:
+    """The :class:`Engine` objects behind ``sources``: engines, submitters wrapping one
+    in ``.engine`` (a Pipeline), and what bridges and apps hold (``engines_of``)."""
+    found: list[Engine] = []
+    for candidate in engines_of(*sources):
+        for _ in range(5):  # a submitter over a submitter over an engine, not forever
+            if isinstance(candidate, Engine):
+                if all(candidate is not e for e in found):
+                    found.append(candidate)
+                break
+            candidate = getattr(candidate, "engine", None)
+            if candidate is None:
+                break
     return found
 
 
