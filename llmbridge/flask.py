@@ -80,7 +80,7 @@ class FlaskBridge(Bridge):
     ``max_processes``         ``LLMBRIDGE_MAX_PROCESSES``  :meth:`to_process` pool (CPUs)
     ``offload_timeout``       ``LLMBRIDGE_OFFLOAD_TIMEOUT``  default offload deadline
     ``metrics_path``          ``LLMBRIDGE_METRICS_PATH``   serve the ``llmbridge:`` metrics
-                                                           here (``"/metrics"``; ``None``:
+                                                           here, e.g. ``"/metrics"`` (None:
                                                            off; needs ``[metrics]``)
     ``tracing``               ``LLMBRIDGE_TRACING``        a span per request (False;
                                                            needs ``[otel]``)

@@ -104,8 +104,8 @@ class QuartBridge(Bridge):
     ``max_processes`` / ``offload_timeout`` (the offload pools), ``drain_timeout`` (10 s;
     keep it under the server's graceful timeout), ``retry_after`` (5 s, sent with 503
     while draining), ``handle_signals`` (True: start draining on SIGTERM/SIGINT, before
-    the server waits for connections), ``metrics_path`` (``"/metrics"``: serve the
-    ``llmbridge:`` metrics there; ``None``: off), ``tracing`` (False: a span per request,
+    the server waits for connections), ``metrics_path`` (``None``; ``"/metrics"``:
+    serve the ``llmbridge:`` metrics there), ``tracing`` (False: a span per request,
     with the ``otel`` extra).
 
     Install it on one app or several (``init_app``, each with its own engine);

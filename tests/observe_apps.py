@@ -1,9 +1,9 @@
 """Apps for the metrics, request-log and tracing tests, served by real servers.
 
 Environment: ``OBS_LOG`` (a file: the ``llmbridge.request`` lines as JSON),
-``OBS_METRICS_PATH`` (the bridges' ``metrics_path``; empty: off), ``OBS_MAX_QUEUED``,
-``OBS_PIPELINE`` (``1``: a Pipeline with a memory cache and a 2-per-minute rate limit on
-``X-Key-Id`` in front of the engine), ``OBS_TRACE`` (a file: finished spans as JSON
+``OBS_METRICS_PATH`` (the bridges' ``metrics_path``, ``/metrics`` by default; empty:
+off), ``OBS_MAX_QUEUED``, ``OBS_PIPELINE`` (``1``: a Pipeline with a memory cache and a
+2-per-minute rate limit in front of the engine), ``OBS_TRACE`` (a file: finished spans as JSON
 lines, through the bridges' ``tracing`` option and the OpenTelemetry SDK).
 """
 
@@ -73,8 +73,7 @@ def make_engine() -> Engine:
 
 def _options() -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if "OBS_METRICS_PATH" in os.environ:
-        options["metrics_path"] = os.environ["OBS_METRICS_PATH"] or None
+    options["metrics_path"] = os.environ.get("OBS_METRICS_PATH", "/metrics") or None
     if os.environ.get("OBS_TRACE"):
         options["tracing"] = True
     return options

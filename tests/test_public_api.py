@@ -226,9 +226,10 @@ print("ok")
 
 
 def test_metrics_route_without_prometheus_client() -> None:
-    """Without prometheus-client a bridge's default metrics_path is quietly off, while an
-    explicit one raises ImportError naming the extra."""
+    """Without prometheus-client a bridge (metrics off by default) installs as before,
+    and asking for the metrics route raises ImportError naming the extra."""
     code = """
+import sys
 import llmbridge
 from flask import Flask
 from llmbridge.flask import FlaskBridge
@@ -236,6 +237,7 @@ from llmbridge.flask import FlaskBridge
 app = Flask("x")
 FlaskBridge(app, engine=llmbridge.Engine(lambda p: p))
 assert "llmbridge_metrics" not in app.view_functions
+assert "prometheus_client" not in sys.modules
 try:
     FlaskBridge(Flask("y"), metrics_path="/metrics")
 except ImportError as exc:

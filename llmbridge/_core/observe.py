@@ -21,8 +21,9 @@ class Observer(Protocol):
     """What an :class:`~llmbridge.Engine` tells about its requests (``engine.observer``).
 
     Every method is called on whatever thread did the thing (a submitter's thread, the
-    engine thread, a consumer that cancelled), outside the engine's locks; none may block
-    or raise (an exception is logged and dropped).
+    engine thread, a consumer that cancelled); :meth:`request_rejected` under the
+    engine's admission lock, the others outside it. None may block or call back into the
+    engine; an exception is logged and dropped, never reaching a request.
     """
 
     def request_admitted(self) -> None:

@@ -67,7 +67,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_threads": ("LLMBRIDGE_MAX_THREADS", 40),
     "max_processes": ("LLMBRIDGE_MAX_PROCESSES", None),
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
-    "metrics_path": ("LLMBRIDGE_METRICS_PATH", "/metrics"),
+    "metrics_path": ("LLMBRIDGE_METRICS_PATH", None),
     "tracing": ("LLMBRIDGE_TRACING", False),
 }
 
@@ -217,7 +217,6 @@ class Bridge:
         self._check_options(options)
         _check_engine(engine)
         given = {**self._options, **options}
-        explicit_metrics = "metrics_path" in given or "LLMBRIDGE_METRICS_PATH" in app.config
         settings: dict[str, Any] = {}
         for name, (key, default) in self._settings_table.items():
             settings[name] = given[name] if name in given else app.config.get(key, default)
@@ -232,28 +231,24 @@ class Bridge:
         if LLMBridgeError not in app.error_handler_spec[None][None]:
             app.register_error_handler(LLMBridgeError, self._handler())
         self._install(app, state)
-        self._install_metrics(app, state, explicit_metrics)
+        self._install_metrics(app, state)
         if settings["tracing"]:
             from .tracing import enable_tracing
 
             if reqlog.tracer is None:
                 enable_tracing()
 
-    def _install_metrics(self, app: Any, state: AppState, explicit: bool) -> None:
+    def _install_metrics(self, app: Any, state: AppState) -> None:
         """Feed the app's engines into the ``llmbridge:`` metrics and serve them at the
-        ``metrics_path`` option (``None``: neither). Without prometheus-client that is
-        an ImportError if the option was given, else silently off."""
+        ``metrics_path`` option (``None``, the default: neither). Raises ImportError
+        naming the extra without prometheus-client."""
         path = state.settings["metrics_path"]
         if path is None:
             return
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"metrics_path must be a path starting with / or None, got {path!r}")
-        try:
-            from . import metrics
-        except ImportError:
-            if explicit:
-                raise
-            return
+        from . import metrics
+
         metrics.instrument(state.engine)
         if "llmbridge_metrics" in app.view_functions:
             return  # a second init_app on the same app
