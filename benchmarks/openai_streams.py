@@ -61,7 +61,7 @@ def __getattr__(name: str) -> object:
         from llmbridge.openai import flask_blueprint
 
         app = Flask(__name__)
-        app.register_blueprint(flask_blueprint(_engine(), settings=_settings()))  # type: ignore[arg-type]
+        app.register_blueprint(flask_blueprint(_engine(), auth=None, settings=_settings()))  # type: ignore[arg-type]
         return to_asgi(app)
     if name == "quart_app":
         from quart import Quart
@@ -69,7 +69,7 @@ def __getattr__(name: str) -> object:
         from llmbridge.openai import quart_blueprint
 
         qapp = Quart(__name__)
-        qapp.register_blueprint(quart_blueprint(_engine(), settings=_settings()))  # type: ignore[arg-type]
+        qapp.register_blueprint(quart_blueprint(_engine(), auth=None, settings=_settings()))  # type: ignore[arg-type]
         return qapp
     raise AttributeError(name)
 

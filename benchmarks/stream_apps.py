@@ -86,7 +86,7 @@ def __getattr__(name: str) -> Any:
         flask_app = Flask(__name__)
         engine = _engine()
         flask_bridge = FlaskBridge(flask_app, engine=engine, heartbeat=None)
-        flask_app.register_blueprint(flask_blueprint(engine))
+        flask_app.register_blueprint(flask_blueprint(engine, auth=None))
 
         @flask_app.get("/sse")
         def flask_sse() -> Any:

@@ -42,7 +42,7 @@ from ._core.engine import Submitter
 from ._core.stream import Stream
 from ._exceptions import LLMBridgeError
 from ._runtime.offload import DEFAULT, Offloaded, ProcessOffloaded, TimeoutArg
-from ._web.body import BodyFormat, StreamBody
+from ._web.body import BodyFormat
 from ._web.bridge import SETTINGS, AppState, Bridge, problem_parts
 from ._web.drain import Drain, find_engines
 
@@ -223,24 +223,12 @@ class QuartBridge(Bridge):
     def _response(self, stream: Stream, format: BodyFormat) -> Response:
         body = self._body(stream, format)
         response = Response(
-            self._pump(body, self.drain),
+            self.drain.pump(body),
             content_type=body.media_type,
             headers=self._stream_headers(stream),
         )
         response.timeout = None  # a stream lasts as long as it lasts: no RESPONSE_TIMEOUT
         return response
-
-    @staticmethod
-    async def _pump(body: StreamBody, drain: Drain) -> AsyncIterator[bytes]:
-        drain.enter()
-        drain.track(body)
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            drain.untrack(body)
-            drain.leave()
-            body.close()
 
     # -- offload ----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ flask_app = Flask(__name__)
 bridge = FlaskBridge(flask_app, engine=engine, heartbeat=None)
 # /v1: the OpenAI routes over the same engine; their streams reach the adapter as
 # StreamBody through ASYNC_BODY_KEY, like bridge.sse().
-flask_app.register_blueprint(flask_blueprint(engine))
+flask_app.register_blueprint(flask_blueprint(engine, auth=None))
 closes: dict[str, int] = {}
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from support import start_redis_server
+from support import (
+    start_redis_server,  # re-exported: tests import it from either
+)
 
 
 @pytest.fixture(scope="session")
@@ -32,13 +33,3 @@ def redis_url() -> Iterator[str]:
 def anyio_backend() -> str:
     """Async tests run on asyncio (the engine wakes consumers with call_soon_threadsafe)."""
     return "asyncio"
-
-
-def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.005) -> bool:
-    """Poll ``predicate()`` until true or ``timeout``; bounded, for state seen across threads."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(interval)
-    return bool(predicate())  # type: ignore[operator]

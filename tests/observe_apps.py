@@ -17,7 +17,11 @@ from typing import Any
 
 from llmbridge import Engine, JsonLogFormatter, Request
 from llmbridge.backends import StepBackend
+from llmbridge.openai import ApiKeys, Principal
 from llmbridge.testing import SimulatedGenerator
+
+#: The API key the /v1 routes accept.
+OPENAI_KEY = "sk-observe-test"
 
 #: The backend job ids the generator was given, in order (served at /seen).
 SEEN: list[str] = []
@@ -112,13 +116,13 @@ def flask_app() -> Any:
     submitter = _submitter(engine)
     app = Flask(__name__)
     bridge = FlaskBridge(app, engine=submitter, **_options())
-    app.register_blueprint(flask_blueprint(engine))
+    app.register_blueprint(flask_blueprint(engine, auth=ApiKeys([OPENAI_KEY])))
 
     @app.before_request
     def authenticate() -> None:
         # What an authentication layer does: the principal's key id, for the log line.
         if "X-Key-Id" in request.headers:
-            g.llmbridge_key_id = request.headers["X-Key-Id"]
+            g.llmbridge_principal = Principal(request.headers["X-Key-Id"])
 
     @app.after_request
     def worker(response: Any) -> Any:
@@ -158,7 +162,7 @@ def quart_app() -> Any:
     @app.before_request
     async def authenticate() -> None:
         if "X-Key-Id" in request.headers:
-            g.llmbridge_key_id = request.headers["X-Key-Id"]
+            g.llmbridge_principal = Principal(request.headers["X-Key-Id"])
 
     @app.post("/generate")
     async def generate() -> Any:

@@ -41,7 +41,7 @@ def _engine() -> Any:
 
 
 def _options() -> dict[str, Any]:
-    options: dict[str, Any] = {"settings": SETTINGS}
+    options: dict[str, Any] = {"settings": SETTINGS, "auth": None}  # keys: test_auth_servers
     if "OPENAI_START_TIMEOUT" in os.environ:
         options["start_timeout"] = float(os.environ["OPENAI_START_TIMEOUT"])
     return options
@@ -77,7 +77,7 @@ def build(kind: str) -> Any:
 
         backend = OpenAIBackend(os.environ["UPSTREAM_URL"], api_key="sk-test", model="sim")
         app = Flask(__name__)
-        app.register_blueprint(flask_blueprint(Engine(backend), settings=SETTINGS))
+        app.register_blueprint(flask_blueprint(Engine(backend), auth=None, settings=SETTINGS))
         return app
     raise ValueError(f"unknown OPENAI_APP {kind!r}")
 

@@ -200,3 +200,24 @@ class RecordingUpstream:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+
+class Clock:
+    """A hand-wound clock: pass it where a policy takes ``clock=``; time passes only when
+    a test sets or advances ``now``."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.005) -> bool:
+    """Poll ``predicate()`` until true or ``timeout``; bounded, for state seen across threads."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(predicate())  # type: ignore[operator]

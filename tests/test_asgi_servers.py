@@ -15,8 +15,7 @@ import pytest
 from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
-from conftest import wait_until
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Server, free_port, run_server, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -24,8 +23,10 @@ EXPECTED = SimulatedGenerator()
 
 
 def uvicorn_args() -> list[str]:
+    # The asyncio loop, whether or not uvloop is installed: uvloop's libuv keeps a pool of
+    # its own threads, which the thread-count tests would count as ours.
     return [
-        PYTHON, "-m", "uvicorn", "asgi_apps:app",
+        PYTHON, "-m", "uvicorn", "asgi_apps:app", "--loop", "asyncio",
         "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
     ]  # fmt: skip
 

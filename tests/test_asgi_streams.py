@@ -278,7 +278,7 @@ async def test_drain_lets_short_streams_finish() -> None:
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    from conftest import wait_until
+    from support import wait_until
 
     return wait_until(predicate, timeout)
 

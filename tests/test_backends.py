@@ -12,7 +12,7 @@ import pytest
 from llmbridge import BackendError, Cancelled, Engine, EngineClosed
 from llmbridge.backends import CallableBackend
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -250,12 +250,6 @@ def _example(kind: str) -> Iterator[Server]:
         yield server
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="examples/flask_app answers 500 to JSON nested 1,000+ deep (RecursionError in "
-    "request.get_json), and under to_asgi its async /v1/answer can't read its body (the "
-    "adapter's fix); drop this mark once both are merged",
-)
 @pytest.mark.parametrize("kind", ["gunicorn", "uvicorn"])
 @pytest.mark.timeout(180)
 def test_example_app_answers_every_bad_request_with_json_and_no_500(kind: str) -> None:

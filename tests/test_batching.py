@@ -10,7 +10,7 @@ import pytest
 from llmbridge import BackendError, BadRequest, Cancelled, Engine, Request, Timeout
 from llmbridge.policies import BatchBackend
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

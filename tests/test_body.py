@@ -11,7 +11,7 @@ from llmbridge._sansio.sse import SSEDecoder
 from llmbridge._web.body import StreamBody
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,17 +9,9 @@ import pytest
 from llmbridge import Cancelled, CircuitOpen, Engine, UpstreamError
 from llmbridge.policies import CircuitBreaker, Pipeline
 
+from support import Clock
+
 pytestmark = pytest.mark.timeout(30)
-
-
-class Clock:
-    """A hand-wound clock: the breaker's open period passes when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Backend:
@@ -42,7 +34,7 @@ def test_failing_backend_opens_then_fails_fast_until_a_probe_succeeds() -> None:
     """Every call failing opens the breaker; later calls fail with CircuitOpen (503,
     Retry-After) without reaching the backend; after open_for, one probe goes through
     and its success closes the breaker."""
-    clock = Clock()
+    clock = Clock(1000.0)
     breaker = CircuitBreaker(window=4, min_calls=4, failure_ratio=1.0, open_for=30, clock=clock)
     backend = Backend()
     with Pipeline(Engine(backend), breaker=breaker) as pipeline:
@@ -69,7 +61,7 @@ def test_failing_backend_opens_then_fails_fast_until_a_probe_succeeds() -> None:
 
 def test_a_failed_probe_reopens() -> None:
     """A half-open probe that fails opens the breaker for another full period."""
-    clock = Clock()
+    clock = Clock(1000.0)
     breaker = CircuitBreaker(window=2, min_calls=2, open_for=10, clock=clock)
     backend = Backend()
     with Pipeline(Engine(backend), breaker=breaker) as pipeline:
@@ -88,7 +80,7 @@ def test_a_failed_probe_reopens() -> None:
 
 def test_half_open_admits_only_the_probes() -> None:
     """While a probe is in flight, other calls are refused."""
-    clock = Clock()
+    clock = Clock(1000.0)
     breaker = CircuitBreaker(window=2, min_calls=2, open_for=5, half_open_probes=2, clock=clock)
     for _ in range(2):
         breaker.record(breaker.admit(), failed=True)
@@ -106,7 +98,7 @@ def test_half_open_admits_only_the_probes() -> None:
 
 def test_error_ratio_over_the_window() -> None:
     """It opens only once min_calls outcomes are in and the failure share reaches the ratio."""
-    breaker = CircuitBreaker(window=10, min_calls=5, failure_ratio=0.5, clock=Clock())
+    breaker = CircuitBreaker(window=10, min_calls=5, failure_ratio=0.5, clock=Clock(1000.0))
     for failed in (True, True, False, False):
         breaker.record(breaker.admit(), failed=failed)
     assert breaker.state == "closed"  # 4 < min_calls
@@ -119,7 +111,7 @@ def test_error_ratio_over_the_window() -> None:
 def test_slow_calls_open_the_breaker() -> None:
     """Calls whose time to first token exceeds slow_call_duration count as slow."""
     breaker = CircuitBreaker(
-        window=4, min_calls=4, slow_call_ratio=0.75, slow_call_duration=1.0, clock=Clock()
+        window=4, min_calls=4, slow_call_ratio=0.75, slow_call_duration=1.0, clock=Clock(1000.0)
     )
     for duration in (0.1, 2.0, 3.0):
         breaker.record(breaker.admit(), failed=False, duration=duration)
@@ -130,7 +122,7 @@ def test_slow_calls_open_the_breaker() -> None:
 
 def test_outcomes_from_before_a_state_change_are_ignored() -> None:
     """A call admitted while closed that fails after the breaker reopened changes nothing."""
-    clock = Clock()
+    clock = Clock(1000.0)
     breaker = CircuitBreaker(window=2, min_calls=2, open_for=5, clock=clock)
     stale = breaker.admit()
     for _ in range(2):
@@ -145,7 +137,7 @@ def test_outcomes_from_before_a_state_change_are_ignored() -> None:
 
 def test_consumer_cancellations_do_not_count() -> None:
     """Cancelled requests are neither failures nor successes (released tickets)."""
-    clock = Clock()
+    clock = Clock(1000.0)
     breaker = CircuitBreaker(window=2, min_calls=2, open_for=5, clock=clock)
     gate = threading.Event()
 

@@ -19,8 +19,7 @@ from bridge_apps import SECRET, chunks
 from llmbridge import Engine
 from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
 
-from conftest import wait_until
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Server, free_port, run_server, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

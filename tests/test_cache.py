@@ -6,17 +6,9 @@ import pytest
 
 from llmbridge.policies import MemoryCache
 
+from support import Clock
+
 pytestmark = pytest.mark.timeout(10)
-
-
-class Clock:
-    """A hand-wound clock so TTL tests don't sleep."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_get_returns_a_fresh_copy() -> None:

@@ -21,8 +21,7 @@ from llmbridge._core.channel import Channel, Request
 from llmbridge.backends import StepBackend
 from llmbridge.testing import SimulatedGenerator
 
-from conftest import wait_until
-from support import PYTHON, free_port, run_server
+from support import PYTHON, free_port, run_server, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

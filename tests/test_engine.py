@@ -19,7 +19,7 @@ from llmbridge import (
 from llmbridge.backends import StepBackend
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,7 +24,7 @@ from llmbridge._web.body import ASYNC_BODY_KEY, StreamBody
 from llmbridge.flask import FlaskBridge
 from llmbridge.testing import simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 
 def events(data: bytes) -> list[ServerSentEvent]:

@@ -14,7 +14,7 @@ from llmbridge.backends import Backend, Job, JobQueue, StepBackend
 from llmbridge.policies import BatchBackend
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

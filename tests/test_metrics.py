@@ -16,7 +16,7 @@ from llmbridge.metrics import BUCKETS, LLMBridgeCollector, instrument
 from llmbridge.policies import Pipeline
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -26,7 +26,7 @@ from llmbridge._runtime.offload import (
 )
 from llmbridge._runtime.processes import RemoteTraceback
 
-from conftest import wait_until
+from support import wait_until
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 

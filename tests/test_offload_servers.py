@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import wait_until
-from support import PYTHON, ROOT, Server, free_port, run_server
+from support import PYTHON, ROOT, Server, free_port, run_server, wait_until
 
 APP = "offload_app:create_app()"
 SCRIPT = str(ROOT / "tests" / "offload_app.py")

@@ -13,7 +13,7 @@ from llmbridge._core import channel as channel_module
 from llmbridge.policies import Pipeline, RateLimit, Retry, Timeouts
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

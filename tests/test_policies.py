@@ -27,17 +27,9 @@ from llmbridge.policies import (
 )
 from llmbridge.testing import simulated_engine
 
+from support import Clock
+
 pytestmark = pytest.mark.timeout(30)
-
-
-class Clock:
-    """A hand-wound clock for the breaker."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_public_module_all_is_sorted_and_documented() -> None:

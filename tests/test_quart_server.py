@@ -14,8 +14,7 @@ import pytest
 from llmbridge._sansio.sse import ServerSentEvent, SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
-from conftest import wait_until
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Server, free_port, run_server, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
+from observe_apps import OPENAI_KEY
 
+from llmbridge._sansio.keys import key_id
 from llmbridge._sansio.sse import SSEDecoder
 
-from conftest import wait_until
-from support import PYTHON, free_port, run_server
+from support import PYTHON, free_port, run_server, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -138,11 +139,13 @@ def test_one_request_id_end_to_end_under_uvicorn(tmp_path: Path) -> None:
 
 
 def test_openai_routes_log_one_line_per_request(tmp_path: Path) -> None:
-    """/v1: a whole answer, a stream and an invalid body each give one line."""
+    """/v1: a whole answer, a stream and an invalid body each give one line, with the
+    caller's key id."""
     log = tmp_path / "requests.log"
     chat = {"model": "llmbridge", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     with gunicorn_flask({"OBS_LOG": str(log)}) as server, httpx.Client(timeout=30) as client:
         url = f"{server.url}/v1/chat/completions"
+        client.headers["Authorization"] = f"Bearer {OPENAI_KEY}"
         whole = client.post(url, json=chat, headers={"X-Request-Id": "oa-1"})
         assert whole.status_code == 200, whole.text
         streamed = client.post(url, json={**chat, "stream": True})
@@ -158,6 +161,7 @@ def test_openai_routes_log_one_line_per_request(tmp_path: Path) -> None:
     assert "oa-1" in ids
     assert streamed.headers["X-Request-Id"] in ids
     for line in by_status[:2]:
+        assert line["key_id"] == key_id(OPENAI_KEY)  # the principal, never the key
         assert line["route"] == "/chat/completions"
         assert line["completion_tokens"] == 3
         check_timings(line)

@@ -13,7 +13,7 @@ from llmbridge._policies.retry import retrying
 from llmbridge.backends import CallableBackend
 from llmbridge.policies import Pipeline, Retry
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

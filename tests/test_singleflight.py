@@ -16,7 +16,7 @@ from llmbridge._policies.singleflight import Flight
 from llmbridge.policies import Pipeline
 from llmbridge.testing import simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

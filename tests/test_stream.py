@@ -10,7 +10,7 @@ from llmbridge import Cancelled, Completion, Request, Timeout
 from llmbridge._core.stream import Channel, Stream
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

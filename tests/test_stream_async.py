@@ -12,7 +12,7 @@ from llmbridge import Cancelled
 from llmbridge._core.stream import Channel, Request, Stream, Wakeups
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.anyio]
 

@@ -13,7 +13,7 @@ import pytest
 from llmbridge import Overloaded
 from llmbridge.testing import SimulatedGenerator, simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 N_THREADS = 64
 N_LOOPS = 8

@@ -22,8 +22,7 @@ import pytest
 from llmbridge._sansio.sse import SSEDecoder
 from llmbridge.testing import SimulatedGenerator
 
-from conftest import wait_until
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Server, free_port, run_server, wait_until
 
 APP = "examples.flask_app:create_app()"
 ENV = {"FLASK_EXAMPLE_STEP_TIME": "0.001", "FLASK_LLMBRIDGE_HEARTBEAT": "5"}

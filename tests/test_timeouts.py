@@ -13,7 +13,7 @@ from llmbridge._policies.timeouts import Deadlines
 from llmbridge.policies import Pipeline, Timeouts
 from llmbridge.testing import simulated_engine
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import wait_until
-from support import PYTHON, free_port, run_server
+from support import PYTHON, free_port, run_server, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 

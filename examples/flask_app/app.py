@@ -2,7 +2,8 @@
 
 Endpoints:
 
-* ``GET  /``              a page streaming several completions side by side (SSE)
+* ``GET  /``              a page streaming several completions side by side (SSE), with
+  a timeline, a "leave early" button per card, the stats and a curl line per endpoint
 * ``POST /v1/complete``   JSON in, JSON out: ``{"prompt": ..., "max_tokens": 32}``
 * ``GET|POST /v1/stream`` server-sent events (``GET ?prompt=...`` for ``EventSource``)
 * ``POST /v1/answer``     an ``async def`` view: fetches context over HTTP with one
@@ -34,10 +35,11 @@ from urllib.parse import quote
 import httpx
 from flask import Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import HTTPException, NotFound, ServiceUnavailable
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from llmbridge import BadRequest, Submitter, UpstreamError
 from llmbridge.flask import FlaskBridge
-from llmbridge.testing import simulated_engine
+from llmbridge.testing import SimulatedGenerator, simulated_engine
 
 from . import slow
 
@@ -85,7 +87,7 @@ def create_app(config: dict[str, Any] | None = None, *, engine: Submitter | None
     bridge.init_app(app, engine=engine)
 
     @app.errorhandler(HTTPException)
-    def http_errors(error: HTTPException) -> Response | HTTPException:
+    def http_errors(error: HTTPException) -> WerkzeugResponse | HTTPException:
         # The JSON endpoints answer errors in JSON too; the HTML page keeps Flask's.
         if request.path == "/":
             return error
@@ -116,7 +118,10 @@ def create_app(config: dict[str, Any] | None = None, *, engine: Submitter | None
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or :class:`llmbridge.BadRequest`."""
-    body = request.get_json(silent=True, force=True)
+    try:
+        body = request.get_json(silent=True, force=True)
+    except RecursionError:  # `silent` covers malformed JSON, not JSON nested too deep
+        raise BadRequest("the body nests too deeply: send a flat JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object, like {"prompt": "Hello"}')
     return body
@@ -205,8 +210,15 @@ def topic_field(body: dict[str, Any]) -> str:
 
 
 def index() -> str:
-    """Several streams side by side."""
-    return render_template("index.html")
+    """Several streams side by side, with a timeline, the stats and every endpoint."""
+    engine = bridge.engine
+    generator = getattr(getattr(engine, "backend", None), "generator", None)
+    return render_template(
+        "index.html",
+        simulated=isinstance(generator, SimulatedGenerator),
+        step_ms=round(float(current_app.config["EXAMPLE_STEP_TIME"]) * 1000),
+        engine_name=getattr(engine, "name", type(engine).__name__),
+    )
 
 
 def healthz() -> dict[str, Any]:

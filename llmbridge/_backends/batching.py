@@ -20,6 +20,7 @@ from typing import Any
 
 from .._core.channel import Request
 from .._core.jobs import Job, JobQueue, wrap_error
+from .._core.wakeups import loop_waker
 from .._exceptions import BackendError, BadRequest, EngineClosed, LLMBridgeError, Timeout
 
 __all__ = ["BatchBackend"]
@@ -137,24 +138,8 @@ class _Batcher:
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
-        scheduled = False
-
-        def on_loop() -> None:
-            nonlocal scheduled
-            scheduled = False
-            self.wake.set()
-
-        def notify() -> None:  # any thread
-            nonlocal scheduled
-            if not scheduled:
-                scheduled = True
-                try:
-                    loop.call_soon_threadsafe(on_loop)
-                except RuntimeError:
-                    pass  # the loop is gone: the engine is stopping
-
         jobs = self.jobs
-        jobs.set_notifier(notify)
+        jobs.set_notifier(loop_waker(loop, self.wake))
         import anyio
 
         self.limiter = anyio.CapacityLimiter(self.backend.max_concurrent_batches)

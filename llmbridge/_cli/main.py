@@ -11,9 +11,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMMANDS", "CommandError", "main"]
+__all__ = ["COMMANDS", "CommandError", "checkout", "main"]
+
+#: Where to get a clone, for the commands that need one (``demo``, ``bench``).
+CLONE = "git clone https://github.com/llmbridge/llmbridge && cd llmbridge"
 
 #: The subcommands, in the order ``--help`` lists them: each is ``llmbridge._cli.<name>``.
 COMMANDS = ("demo", "migrate", "serve", "bench")
@@ -21,6 +25,23 @@ COMMANDS = ("demo", "migrate", "serve", "bench")
 
 class CommandError(Exception):
     """A failure the user can act on: printed as one line, exit status 2."""
+
+
+def checkout(marker: str, *, what: str) -> Path:
+    """The root of the clone this command runs from: the one holding the imported
+    ``llmbridge`` package (an editable install), else the current directory or one
+    above it; it must contain ``marker``. Raises :class:`CommandError` saying ``what``
+    needs a clone when there is none (the wheel has no ``examples/`` or ``benchmarks/``).
+    """
+    package_root = Path(__file__).resolve().parents[2]
+    here = Path.cwd().resolve()
+    for candidate in (package_root, here, *here.parents):
+        if (candidate / marker).exists() and (candidate / "llmbridge").is_dir():
+            return candidate
+    raise CommandError(
+        f"{what}, which only a clone of the repository has: {CLONE} && "
+        f'pip install -e ".[dev]", then run it there'
+    )
 
 
 def _module(name: str) -> ModuleType | None:
@@ -36,7 +57,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     parser = argparse.ArgumentParser(
         prog="llmbridge",
         description="Correct, concurrent LLM calls from Flask and Quart apps.",
+        epilog="`llmbridge COMMAND --help` describes each command.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, ModuleType] = {}
     for name in COMMANDS:
@@ -47,6 +70,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
     return parser, modules
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmbridge")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ImportError as exc:
         # A missing optional dependency: its message names the extra to install.
+        print(f"llmbridge {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A path that isn't there, a port that can't be bound, a pipe that closed.
         print(f"llmbridge {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 from .._exceptions import Cancelled, EngineClosed, LLMBridgeError
 from .channel import Request
 from .jobs import Job, JobQueue, wrap_error
+from .wakeups import loop_waker
 
 __all__ = [
     "AsyncBackend",
@@ -283,21 +284,6 @@ class _AsyncDriver:
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        scheduled = False
-
-        def on_loop() -> None:
-            nonlocal scheduled
-            scheduled = False
-            wake.set()
-
-        def notify() -> None:  # any thread
-            nonlocal scheduled
-            if not scheduled:
-                scheduled = True
-                try:
-                    loop.call_soon_threadsafe(on_loop)
-                except RuntimeError:
-                    pass  # the loop is gone: the engine is stopping
 
         flush_pending = False
 
@@ -314,7 +300,7 @@ class _AsyncDriver:
 
         jobs = self.jobs
         jobs.set_flush_hook(schedule_flush)
-        jobs.set_notifier(notify)
+        jobs.set_notifier(loop_waker(loop, wake))
         opener = getattr(self.backend, "aopen", None)
         if opener is not None:
             await opener()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-__all__ = ["Wakeups", "resolve"]
+__all__ = ["Wakeups", "loop_waker", "resolve"]
 
 
 def resolve(futures: list[asyncio.Future[None]]) -> None:
@@ -42,3 +43,29 @@ class Wakeups:
                 loop.call_soon_threadsafe(resolve, futures)
             except RuntimeError:
                 pass  # the consumer's loop is closed: nobody is left to wake
+
+
+def loop_waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
+    """A notifier for :meth:`JobQueue.set_notifier` that sets ``event`` on ``loop``.
+
+    Callable from any thread; calls made before the loop ran the last one coalesce into
+    one ``call_soon_threadsafe``. Once the loop is closed it does nothing (the engine is
+    stopping).
+    """
+    scheduled = False
+
+    def on_loop() -> None:
+        nonlocal scheduled
+        scheduled = False
+        event.set()
+
+    def notify() -> None:
+        nonlocal scheduled
+        if not scheduled:
+            scheduled = True
+            try:
+                loop.call_soon_threadsafe(on_loop)
+            except RuntimeError:
+                pass  # the loop is gone: the engine is stopping
+
+    return notify

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +12,9 @@ from werkzeug.exceptions import HTTPException
 from .._core.engine import Submitter
 from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
+from .._web.auth import PRINCIPAL_ENVIRON_KEY
 from .._web.body import ASYNC_BODY_KEY
-from .routes import METHODS, REQUEST_ID_HEADER, ROUTES, Call, Route, Routes
+from .routes import METHODS, REQUEST_ID_HEADER, ROUTES, Call, Principal, Route, Routes
 
 __all__ = ["flask_blueprint"]
 
@@ -46,10 +48,49 @@ def _stream(routes: Routes, call: Call) -> flask.Response:
     )
 
 
-def _generate(routes: Routes, kind: str) -> flask.Response:
+_KINDS = {route.endpoint: route.kind for route in ROUTES}
+
+
+def _authenticate(routes: Routes) -> flask.Response | None:
+    """The blueprint's ``before_request``: a 401 unless the caller is known."""
+    kind = _KINDS.get((request.endpoint or "").rpartition(".")[2], "not_found")
+    if routes.auth is None:
+        routes.serving_at(request.environ.get("SERVER_NAME"))
+        return None
+    if not routes.guards(kind):
+        return None
     try:
+        answer = routes.authenticator()(request)
+        if inspect.isawaitable(answer):
+            close = getattr(answer, "close", None)
+            if close is not None:
+                close()
+            raise TypeError("a Flask blueprint's authenticate hook must not be async")
+        principal = routes.principal(answer)
+    except LLMBridgeError as error:
+        return _response(routes.failure(error))
+    except Exception as error:  # a broken hook: logged, a 500 that says nothing
+        return _response(routes.failure(error))
+    flask.g.llmbridge_principal = principal
+    request.environ[PRINCIPAL_ENVIRON_KEY] = principal.id
+    return None
+
+
+def _principal() -> Principal | None:
+    principal = flask.g.get("llmbridge_principal")
+    return principal if isinstance(principal, Principal) else None
+
+
+def _generate(routes: Routes, kind: str) -> flask.Response:
+    principal = _principal()
+    try:
+        routes.admit_blocking(principal)
         call = routes.submit(
-            kind, request.method, _read_body(routes), request.headers.get(REQUEST_ID_HEADER)
+            kind,
+            request.method,
+            _read_body(routes),
+            request.headers.get(REQUEST_ID_HEADER),
+            principal,
         )
     except LLMBridgeError as error:
         return _response(routes.failure(error))
@@ -60,7 +101,9 @@ def _generate(routes: Routes, kind: str) -> flask.Response:
             call.stream.wait_started(routes.start_timeout)
             if call.streaming:
                 return _stream(routes, call)
-            return _response(call.reply(call.stream.result(routes.timeout)))
+            completion = call.stream.result(routes.timeout)
+            routes.charge_blocking(principal, completion.total_tokens)
+            return _response(call.reply(completion))
     except LLMBridgeError as error:
         return _response(routes.failure(error, call.stream.id))
 
@@ -78,8 +121,12 @@ def flask_blueprint(
 ) -> flask.Blueprint:
     """A Flask blueprint serving the OpenAI routes over ``submitter`` (an
     :class:`~llmbridge.Engine` or any :class:`~llmbridge.Submitter`); ``options`` are
-    :class:`~llmbridge._openai.routes.Routes`'s (``settings``, ``heartbeat``,
-    ``start_timeout``, ``timeout``).
+    :class:`~llmbridge._openai.routes.Routes`'s (``auth``, required; ``open_models``,
+    ``settings``, ``heartbeat``, ``start_timeout``, ``timeout``).
+
+    Every route checks the caller first (``auth``): a missing or unknown key is a 401
+    with ``WWW-Authenticate: Bearer``; the principal is ``flask.g.llmbridge_principal``
+    and its id ``request.environ["llmbridge.principal"]``.
 
     Views run on the request's thread and block it until the answer is complete, or,
     streaming, until the first text is out (so an overload or an upstream error still
@@ -90,6 +137,7 @@ def flask_blueprint(
     """
     routes = Routes(submitter, **options)
     bp = flask.Blueprint(name, __name__, url_prefix=url_prefix)
+    bp.before_request(lambda: _authenticate(routes))
     for route in ROUTES:
         if route.kind != "not_found" or url_prefix.strip("/"):  # at the root: the app's 404
             bp.add_url_rule(route.rule, route.endpoint, _view(routes, route), methods=METHODS)

@@ -10,14 +10,16 @@ while the app serves. On shutdown new requests get a 503 and open streams run up
 from __future__ import annotations
 
 import asyncio
+import inspect
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from quart import Blueprint, Quart, Response, current_app, request
+from quart import Blueprint, Quart, Response, current_app, g, request
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
+from .._web.auth import PRINCIPAL_ENVIRON_KEY
 from .._web.body import StreamBody
 from .._web.drain import Drain, find_engines
 from .routes import (
@@ -26,6 +28,7 @@ from .routes import (
     ROUTES,
     Call,
     LLMBridgeError,
+    Principal,
     Reply,
     Route,
     Routes,
@@ -87,24 +90,52 @@ class _Drains:
                 drain.restore_signal_handlers()
 
 
-async def _pump(drain: Drain | None, body: StreamBody) -> AsyncIterator[bytes]:
-    if drain is not None:
-        drain.enter()
-        drain.track(body)
+async def _unmanaged(body: StreamBody) -> AsyncIterator[bytes]:
     try:
         async for chunk in body:
             yield chunk
     finally:
-        if drain is not None:
-            drain.untrack(body)
-            drain.leave()
         body.close()  # Quart closes the body when the client leaves: stop the generation
 
 
-async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
+_KINDS = {route.endpoint: route.kind for route in ROUTES}
+
+
+async def _authenticate(routes: Routes) -> Response | None:
+    """The blueprint's ``before_request``: a 401 unless the caller is known."""
+    kind = _KINDS.get((request.endpoint or "").rpartition(".")[2], "not_found")
+    if routes.auth is None:
+        server = request.scope.get("server")
+        routes.serving_at(str(server[0]) if server else None)
+        return None
+    if not routes.guards(kind):
+        return None
     try:
+        answer = routes.authenticator()(request)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        principal = routes.principal(answer)
+    except LLMBridgeError as error:
+        return _response(routes.failure(error))
+    except Exception as error:  # a broken hook: logged, a 500 that says nothing
+        return _response(routes.failure(error))
+    g.llmbridge_principal = principal
+    request.scope[PRINCIPAL_ENVIRON_KEY] = principal.id  # type: ignore[literal-required]
+    return None
+
+
+async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
+    principal = g.get("llmbridge_principal")
+    if not isinstance(principal, Principal):
+        principal = None
+    try:
+        await routes.admit(principal)
         call = routes.submit(
-            kind, request.method, await _read_body(routes), request.headers.get(REQUEST_ID_HEADER)
+            kind,
+            request.method,
+            await _read_body(routes),
+            request.headers.get(REQUEST_ID_HEADER),
+            principal,
         )
     except LLMBridgeError as error:
         return _response(routes.failure(error))
@@ -116,13 +147,17 @@ async def _answer(routes: Routes, drains: _Drains, call: Call) -> Response:
         with call.closing_on_error():
             await call.stream.await_started(routes.start_timeout)
             if not call.streaming:
-                return _response(call.reply(await call.stream.aresult(routes.timeout)))
+                completion = await call.stream.aresult(routes.timeout)
+                await routes.acharge(call.principal, completion.total_tokens)
+                return _response(call.reply(completion))
     except LLMBridgeError as error:
         return _response(routes.failure(error, call.stream.id))
     body = call.body()
     drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
     response = Response(
-        _pump(drain, body), content_type=body.media_type, headers=routes.stream_headers(call)
+        _unmanaged(body) if drain is None else drain.pump(body),
+        content_type=body.media_type,
+        headers=routes.stream_headers(call),
     )
     response.timeout = None  # a token stream lasts as long as the generation
     return response
@@ -154,9 +189,12 @@ def quart_blueprint(
     **options: Any,
 ) -> Blueprint:
     """A Quart blueprint serving the OpenAI routes over ``submitter``; ``options`` are
-    :class:`~llmbridge._openai.routes.Routes`'s (``settings``, ``heartbeat``,
-    ``start_timeout``, ``timeout``).
+    :class:`~llmbridge._openai.routes.Routes`'s (``auth``, required; ``open_models``,
+    ``settings``, ``heartbeat``, ``start_timeout``, ``timeout``).
 
+    Every route checks the caller first (``auth``; the hook may be ``async``): a
+    missing or unknown key is a 401 with ``WWW-Authenticate: Bearer``; the principal is
+    ``quart.g.llmbridge_principal`` and its id ``request.scope["llmbridge.principal"]``.
     Views never block the event loop: they await the engine. An answer starts only once
     the first text is out (504 past ``start_timeout``), so an overload or an upstream
     error still gets its own status; a client that disconnects cancels its request. On
@@ -183,7 +221,7 @@ def quart_blueprint(
         drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
         if drain is not None and not drain.admitting:
             return _response(routes.failure(drain.refusal()))
-        return None
+        return await _authenticate(routes)
 
     for route in ROUTES:
         if route.kind == "not_found" and not url_prefix.strip("/"):

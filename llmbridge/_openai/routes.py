@@ -11,6 +11,7 @@ integration takes (the ASGI adapter's async body, the start timeout, the drain).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import weakref
@@ -22,7 +23,12 @@ from .._core.channel import Completion
 from .._core.engine import Submitter
 from .._core.stream import Stream
 from .._exceptions import LLMBridgeError
-from .._sansio.framing import Reply
+from .._policies.budget import KeyLimits, Quotas
+from .._policies.options import CallOptions
+from .._policies.pipeline import Pipeline
+from .._runtime.loop import spawn
+from .._sansio.framing import Outcome, Reply
+from .._web.auth import ApiKeys, Authenticate, Principal, as_principal, is_loopback
 from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
 from .._web.reqlog import RequestRecord
@@ -52,10 +58,12 @@ __all__ = [
     "Call",
     "LLMBridgeError",
     "MethodNotAllowed",
+    "Principal",
     "Reply",
     "Route",
     "Routes",
     "Submitter",
+    "Unauthorized",
     "too_large",
 ]
 
@@ -106,6 +114,26 @@ class MethodNotAllowed(InvalidRequest):
             status=405,
         )
         self.allowed = allowed
+
+
+class Unauthorized(InvalidRequest):
+    """The 401 for a missing or unknown key: one message for both, so it never hints
+    at which keys exist; ``challenge`` is sent as ``WWW-Authenticate``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Missing or invalid API key: send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            status=401,
+        )
+        self.challenge = "Bearer"
+
+
+#: ``auth=`` has no default: serving without keys must be said (``auth=None``).
+_REQUIRED: Any = object()
+
+#: Route kinds that ``open_models=True`` leaves open.
+_MODEL_KINDS = ("models", "model")
 
 
 def too_large(limit: int) -> InvalidRequest:
@@ -169,6 +197,7 @@ class Call:
     routes: Routes
     parsed: ParsedRequest
     stream: Stream
+    principal: Principal | None = None
     #: The request's log line, written when the answer is complete.
     record: RequestRecord | None = None
 
@@ -197,9 +226,11 @@ class Call:
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
         request_id = self.stream.id
-        framer = OpenAIFramer(
+        framer: Any = OpenAIFramer(
             self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
         )
+        if self.principal is not None and self.principal.limits is not None:
+            framer = _Metered(framer, lambda tokens: self.routes.charge(self.principal, tokens))
         record = self.record
         if record is not None:
             record.status = 200
@@ -213,10 +244,34 @@ class Call:
         )
 
 
+class _Metered:
+    """An :class:`OpenAIFramer` that reports a finished stream's tokens (to charge the
+    caller's budget); everything else is the framer's."""
+
+    def __init__(self, framer: OpenAIFramer, on_end: Callable[[int], None]) -> None:
+        self._framer = framer
+        self._on_end = on_end
+        self.media_type = framer.media_type
+        self.heartbeats = framer.heartbeats
+        self.head = framer.head
+        self.text = framer.text
+        self.heartbeat = framer.heartbeat
+        self.error = framer.error
+        self.error_response = framer.error_response
+
+    def end(self, outcome: Outcome) -> bytes:
+        self._on_end(outcome.total_tokens)
+        return self._framer.end(outcome)
+
+
 class Routes:
     """The OpenAI surface over one submitter, independent of any framework.
 
-    Options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
+    ``auth`` is required: an :class:`~llmbridge.openai.ApiKeys`, a hook
+    ``authenticate(request) -> Principal | str | None`` (``async`` under Quart), or
+    ``None`` to serve without keys (logged as a warning on the first request a
+    non-loopback address serves); ``open_models=True`` leaves ``/models`` open.
+    Other options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
     an SSE comment; ``None``: never), ``start_timeout`` (seconds to wait for the first
     output before answering 504, streamed or not; ``None``: no limit), ``timeout``
     (a non-streamed answer's whole deadline after its first output; ``None``: none).
@@ -227,11 +282,27 @@ class Routes:
         self,
         submitter: Submitter,
         *,
+        auth: ApiKeys | Authenticate | None = _REQUIRED,
+        open_models: bool = False,
         settings: Settings | None = None,
         heartbeat: float | None = 15.0,
         start_timeout: float | None = 60.0,
         timeout: float | None = None,
     ) -> None:
+        if auth is _REQUIRED:
+            raise TypeError(
+                "the OpenAI routes need auth=: ApiKeys([...]), ApiKeys.from_env(), "
+                "ApiKeys.from_file(path), a hook authenticate(request) -> principal | None, "
+                "or auth=None to serve without keys"
+            )
+        if auth is not None and not isinstance(auth, ApiKeys) and not callable(auth):
+            # The type only: a key passed here by mistake must not reach a traceback.
+            raise TypeError(f"auth must be ApiKeys, a callable or None, not {type(auth).__name__}")
+        self.auth = auth
+        self.open_models = bool(open_models)
+        self._warned_open = False
+        # A hook's principals with limits count in this process (ApiKeys has storage=).
+        self.quotas = auth.quotas if isinstance(auth, ApiKeys) else Quotas()
         for name, value in (("start_timeout", start_timeout), ("timeout", timeout)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value!r}")
@@ -257,19 +328,109 @@ class Routes:
         """A :class:`BodyReader` for a body declaring ``declared`` bytes (or ``None``)."""
         return BodyReader(self.settings.max_body_bytes, declared)
 
-    def submit(self, kind: str, method: str, raw: bytes, client_id: str | None = None) -> Call:
+    # -- who is calling ------------------------------------------------------------------
+
+    def guards(self, kind: str) -> bool:
+        """Whether a route of ``kind`` needs a principal."""
+        return self.auth is not None and not (self.open_models and kind in _MODEL_KINDS)
+
+    def authenticator(self) -> Authenticate:
+        """The check to run on the framework's request (only when :meth:`guards`)."""
+        auth = self.auth
+        assert auth is not None
+        return auth.authenticate if isinstance(auth, ApiKeys) else auth
+
+    @staticmethod
+    def principal(answer: object) -> Principal:
+        """An authenticator's answer as the caller's :class:`Principal`. Raises
+        :class:`Unauthorized` (401) for ``None``, ``TypeError`` for a bad answer."""
+        principal = as_principal(answer)
+        if principal is None:
+            raise Unauthorized()
+        return principal
+
+    def serving_at(self, host: str | None) -> None:
+        """Note the address a request came in on: without keys on a non-loopback address
+        this logs a warning, once."""
+        if self.auth is None and not self._warned_open and not is_loopback(host):
+            self._warned_open = True
+            logger.warning(
+                "the OpenAI routes are served on %s without API keys (auth=None): anyone "
+                "who reaches this address can use the model",
+                host,
+            )
+
+    # Every count runs on the process's background loop, whichever thread or loop
+    # serves the request: a memory:// store is per loop, so one loop means one count
+    # per process (and a Quart stream's end, charged from its body, lands there too).
+
+    @staticmethod
+    def _limited(principal: Principal | None) -> KeyLimits | None:
+        if principal is None or principal.limits is None or not principal.limits.any:
+            return None
+        return principal.limits
+
+    async def admit(self, principal: Principal | None) -> None:
+        """Spend one request of ``principal``'s own limits; raises
+        :class:`~llmbridge.RateLimited` (429) when one is reached. Any event loop."""
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            await asyncio.wrap_future(spawn(self.quotas.acquire(principal.id, limits)))
+
+    def admit_blocking(self, principal: Principal | None) -> None:
+        """:meth:`admit` from a thread (blocks it on the background loop)."""
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.acquire(principal.id, limits)).result(30)
+
+    def charge(self, principal: Principal | None, tokens: int) -> None:
+        """Add a finished stream's tokens to ``principal``'s budgets. Never blocks (the
+        store is written on the background loop, a moment later) and never raises."""
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.charge(principal.id, limits, tokens))
+
+    async def acharge(self, principal: Principal | None, tokens: int) -> None:
+        """Add a whole answer's tokens to ``principal``'s budgets before it is sent, so
+        the next request sees them. Any event loop; never raises."""
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            await asyncio.wrap_future(spawn(self.quotas.charge(principal.id, limits, tokens)))
+
+    def charge_blocking(self, principal: Principal | None, tokens: int) -> None:
+        """:meth:`acharge` from a thread (blocks it on the background loop)."""
+        limits = self._limited(principal)
+        if principal is not None and limits is not None:
+            spawn(self.quotas.charge(principal.id, limits, tokens)).result(30)
+
+    # -- generations ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        kind: str,
+        method: str,
+        raw: bytes,
+        client_id: str | None = None,
+        principal: Principal | None = None,
+    ) -> Call:
         """Validate a generation request and submit it. Never blocks. ``client_id`` is the
-        client's ``X-Request-Id``: a valid one names the engine request. Raises
-        :class:`InvalidRequest` (400/405) or the submitter's admission error."""
+        client's ``X-Request-Id``: a valid one names the engine request. ``principal``
+        is the caller: over a :class:`~llmbridge.policies.Pipeline` its id is the call's
+        rate-limit key and cache namespace. Raises :class:`InvalidRequest` (400/405) or
+        the submitter's admission error."""
         self.allow(method, "POST")
         parsed = _PARSERS[kind](decode_json(raw), self.settings)
         request_id = valid_request_id(client_id)
-        named = {} if request_id is None else {"request_id": request_id}
-        record = RequestRecord(method, _RULES.get(kind, kind))
+        named: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
+        if principal is not None and isinstance(self.submitter, Pipeline):
+            named["policy"] = CallOptions(key=principal.id, namespace=principal.id)
+        record = RequestRecord(
+            method, _RULES.get(kind, kind), key_id=None if principal is None else principal.id
+        )
         stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
         record.stream = stream
         self._records[stream.id] = record
-        return Call(self, parsed, stream, record)
+        return Call(self, parsed, stream, principal, record)
 
     def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
         """The reply of a route that needs no generation (models, unknown URLs)."""
@@ -307,6 +468,9 @@ class Routes:
         allowed = getattr(error, "allowed", None)
         if allowed:
             headers["Allow"] = allowed
+        challenge = getattr(error, "challenge", None)
+        if challenge:
+            headers["WWW-Authenticate"] = challenge
         reply = error_reply(error, request_id, headers)
         record = None if request_id is None else self._records.get(request_id)
         if record is None:

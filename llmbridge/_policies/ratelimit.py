@@ -1,4 +1,4 @@
-"""Rate limits per key: requests per minute and tokens per minute, on the `limits` library.
+"""Rate limits per key: requests and tokens per minute and tokens per day, on `limits`.
 
 Counting is done by ``limits`` (moving window by default), in process memory or in Redis,
 where every worker and host that shares the Redis URL shares the budget: a 60/minute
@@ -7,7 +7,9 @@ limit admits 60 in total, however many workers there are.
 Tokens are only known once a request ends, so a request is admitted while its key has
 token budget left and charged with the tokens the backend reported when it ends (a
 request that overshoots exhausts the window, which then refuses until it slides on).
-Only backend work is charged: cache hits and single-flight followers are free.
+Only backend work is charged: cache hits and single-flight followers are free. The daily
+token budget is a fixed window of one day from a key's first charge (a counter, whatever
+the strategy: a moving window would keep one entry per token).
 
 A shared store that cannot be reached does not take the service down: by default
 (``fail_open=True``) requests are admitted, one warning is logged per outage and the
@@ -62,15 +64,16 @@ def _global_key(request: Request) -> str:
 class _Store:
     """The ``limits`` storage and limiter of one process and event loop."""
 
-    def __init__(self, limits: Any, storage: Any, limiter: Any, pool: Any) -> None:
+    def __init__(self, limits: Any, storage: Any, limiter: Any, daily: Any, pool: Any) -> None:
         self.limits = limits
         self.storage = storage
         self.limiter = limiter
+        self.daily = daily  # always a fixed window: a counter, not an entry per token
         self.pool = pool
 
 
 class RateLimit:
-    """Requests per minute and tokens per minute for each key.
+    """Requests per minute, tokens per minute and tokens per day for each key.
 
     ``key(request)`` names whose budget a request spends (an API key, a user, a client
     address); it runs in :meth:`Pipeline.submit`'s caller, so it may read the web
@@ -90,6 +93,7 @@ class RateLimit:
         *,
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
+        tokens_per_day: int | None = None,
         key: Callable[[Request], str] | None = None,
         storage: str = "memory://",
         strategy: str = "moving-window",
@@ -101,8 +105,11 @@ class RateLimit:
         self._limits = _import_limits()
         self.requests_per_minute = _per_minute("requests_per_minute", requests_per_minute)
         self.tokens_per_minute = _per_minute("tokens_per_minute", tokens_per_minute)
-        if requests_per_minute is None and tokens_per_minute is None:
-            raise ValueError("RateLimit needs requests_per_minute, tokens_per_minute or both")
+        self.tokens_per_day = _per_minute("tokens_per_day", tokens_per_day)
+        if requests_per_minute is None and tokens_per_minute is None and tokens_per_day is None:
+            raise ValueError(
+                "RateLimit needs requests_per_minute, tokens_per_minute or tokens_per_day"
+            )
         if key is not None and not callable(key):
             raise TypeError(f"key must be a callable key(request) -> str, got {key!r}")
         self.key: Callable[[Request], str] = key or _global_key
@@ -132,6 +139,11 @@ class RateLimit:
             if tokens_per_minute is None
             else limits.RateLimitItemPerMinute(tokens_per_minute, namespace=f"{prefix}-tpm")
         )
+        self._tpd = (
+            None
+            if tokens_per_day is None
+            else limits.RateLimitItemPerDay(tokens_per_day, namespace=f"{prefix}-tpd")
+        )
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Store]
         self._stores = weakref.WeakKeyDictionary()
         self._pid = os.getpid()
@@ -141,7 +153,8 @@ class RateLimit:
     def __repr__(self) -> str:
         return (
             f"RateLimit(requests_per_minute={self.requests_per_minute}, "
-            f"tokens_per_minute={self.tokens_per_minute}, storage={self.storage!r})"
+            f"tokens_per_minute={self.tokens_per_minute}, "
+            f"tokens_per_day={self.tokens_per_day}, storage={self.storage!r})"
         )
 
     @property
@@ -179,12 +192,14 @@ class RateLimit:
             "fixed-window": strategies.FixedWindowRateLimiter,
             "sliding-window-counter": strategies.SlidingWindowCounterRateLimiter,
         }[self.strategy]
-        store = _Store(limits, storage, cls(storage), pool)
+        daily = strategies.FixedWindowRateLimiter(storage)
+        store = _Store(limits, storage, cls(storage), daily, pool)
         self._stores[loop] = store
         return store
 
     async def _retry_after(self, store: _Store, item: Any, key: str) -> float:
-        stats = await store.limiter.get_window_stats(item, key)
+        limiter = store.daily if item is self._tpd else store.limiter
+        stats = await limiter.get_window_stats(item, key)
         return float(max(1, math.ceil(stats.reset_time - time.time())))
 
     async def acquire(self, key: str) -> None:
@@ -199,6 +214,12 @@ class RateLimit:
         try:
             store = self._store()
             limiter = store.limiter
+            if self._tpd is not None and not await store.daily.test(self._tpd, key):
+                after = await self._retry_after(store, self._tpd, key)
+                raise RateLimited(
+                    f"{key!r} used its daily budget of {self.tokens_per_day} tokens",
+                    retry_after=after,
+                )
             if self._tpm is not None and not await limiter.test(self._tpm, key):
                 after = await self._retry_after(store, self._tpm, key)
                 raise RateLimited(
@@ -220,17 +241,20 @@ class RateLimit:
         self._worked()
 
     async def charge(self, key: str, tokens: int) -> None:
-        """Charge ``tokens`` to ``key``'s tokens-per-minute budget (never raises for
-        being over: the window just fills up)."""
-        if self._tpm is None or tokens <= 0 or time.monotonic() < self._down_until:
+        """Charge ``tokens`` to ``key``'s per-minute and daily token budgets (never
+        raises for being over: the window just fills up)."""
+        if tokens <= 0 or time.monotonic() < self._down_until:
             return
         try:
             store = self._store()
-            if not await store.limiter.hit(self._tpm, key, cost=tokens):
-                # More than is left: spend what is left so the window reads as full.
-                stats = await store.limiter.get_window_stats(self._tpm, key)
-                if stats.remaining > 0:
-                    await store.limiter.hit(self._tpm, key, cost=stats.remaining)
+            for limiter, item in ((store.limiter, self._tpm), (store.daily, self._tpd)):
+                if item is None:
+                    continue
+                if not await limiter.hit(item, key, cost=tokens):
+                    # More than is left: spend what is left so the window reads as full.
+                    stats = await limiter.get_window_stats(item, key)
+                    if stats.remaining > 0:
+                        await limiter.hit(item, key, cost=stats.remaining)
         except Exception as exc:
             self._failed(exc, refuse=False)
             return

@@ -16,12 +16,12 @@ from typing import Any
 __all__ = [
     "SSEDecoder",
     "ServerSentEvent",
+    "dumps",
     "encode_chunk",
     "encode_comment",
     "encode_done",
     "encode_error",
     "encode_event",
-    "dumps",
 ]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")

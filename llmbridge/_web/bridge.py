@@ -38,9 +38,9 @@ from .reqlog import RequestRecord
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "SETTINGS",
     "AppState",
     "Bridge",
-    "SETTINGS",
     "log_answer",
     "problem_parts",
     "valid_request_id",
@@ -73,8 +73,9 @@ SETTINGS: dict[str, tuple[str, Any]] = {
 
 #: Where the current request's log record is kept, on the framework's ``g``.
 _RECORD_KEY = "_llmbridge_record"
-#: Where an authentication layer puts the principal's key id, on ``g``, for the log line.
-KEY_ID_ATTR = "llmbridge_key_id"
+#: Where authentication puts the caller's :class:`~llmbridge.openai.Principal`, on ``g``
+#: (its ``id`` is the log line's ``key_id``).
+PRINCIPAL_ATTR = "llmbridge_principal"
 
 
 def _record(web: Any) -> RequestRecord | None:
@@ -89,7 +90,7 @@ def _record(web: Any) -> RequestRecord | None:
         record = RequestRecord(
             request.method,
             rule.rule if rule is not None else request.path,
-            key_id=getattr(g, KEY_ID_ATTR, None),
+            key_id=getattr(getattr(g, PRINCIPAL_ATTR, None), "id", None),
             traceparent=request.headers.get("traceparent"),
         )
         setattr(g, _RECORD_KEY, record)

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -107,6 +107,19 @@ class Drain:
         """Forget a body that ended. Thread-safe."""
         with self._bodies_lock:
             self._bodies.discard(body)
+
+    async def pump(self, body: StreamBody) -> AsyncIterator[bytes]:
+        """``body``'s bytes, counted in and tracked while they flow (on the loop); the
+        body is closed (its request cancelled if unfinished) however the pump ends."""
+        self.enter()
+        self.track(body)
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            self.untrack(body)
+            self.leave()
+            body.close()
 
     # -- starting ---------------------------------------------------------------------
 

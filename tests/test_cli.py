@@ -1,0 +1,179 @@
+"""The ``llmbridge`` command (``python -m llmbridge``), run as a real process: help on
+every command, errors as one line without a traceback, and ``bench``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from llmbridge._cli.bench import find_tables
+from llmbridge._cli.main import COMMANDS
+
+from support import PYTHON, ROOT
+
+pytestmark = pytest.mark.timeout(120)
+
+INSTALLED = [c for c in COMMANDS if importlib.util.find_spec(f"llmbridge._cli.{c}") is not None]
+FAST_BENCH = ["bench", "batching", "--fixed", "1", "--per-item", "0.01"]
+
+
+def llmbridge(
+    *args: str, cwd: Path = ROOT, pythonpath: Path = ROOT, code: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m llmbridge ARGS`` (or ``python -c CODE``) with ``pythonpath`` first."""
+    env = dict(os.environ, PYTHONPATH=str(pythonpath), PYTHONUNBUFFERED="1")
+    argv = [PYTHON, "-c", code, *args] if code else [PYTHON, "-m", "llmbridge", *args]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=100)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_console_script_runs_the_same_main() -> None:
+    """pyproject's ``llmbridge`` script and ``python -m llmbridge`` call one function."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["llmbridge"] == "llmbridge._cli.main:main"
+    assert "main(" in (ROOT / "llmbridge" / "__main__.py").read_text()
+
+
+def test_help_lists_every_installed_command() -> None:
+    result = llmbridge("--help")
+    assert result.returncode == 0, result.stderr
+    for command in INSTALLED:
+        assert command in result.stdout
+    assert {"demo", "bench"} <= set(INSTALLED)
+
+
+@pytest.mark.parametrize("command", INSTALLED)
+def test_help_on_every_command(command: str) -> None:
+    result = llmbridge(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: llmbridge {command}")
+
+
+def test_no_command_prints_the_help_and_exits_2() -> None:
+    result = llmbridge()
+    assert result.returncode == 2
+    assert "usage: llmbridge" in result.stdout
+
+
+def test_an_unknown_benchmark_is_one_line_naming_the_known_ones() -> None:
+    line = one_line_error(llmbridge("bench", "nosuch"))
+    assert line.startswith("llmbridge bench: no benchmark 'nosuch': choose from ")
+    assert "batching" in line
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    """werkzeug would print three lines and exit 1; the demo says it in one."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        line = one_line_error(llmbridge("demo", "--port", str(port), "--no-preview"))
+    assert line == (
+        f"llmbridge demo: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(--port 0 picks a free one)"
+    )
+
+
+@pytest.mark.parametrize("args", [["demo"], ["bench", "batching"]], ids=["demo", "bench"])
+def test_outside_a_clone_demo_and_bench_say_they_need_one(args: list[str], tmp_path: Path) -> None:
+    """Installed without the repository (as from a wheel: no examples/, no benchmarks/),
+    the commands say where to get a clone instead of failing on an import."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "llmbridge", site / "llmbridge")
+    line = one_line_error(llmbridge(*args, cwd=tmp_path, pythonpath=site))
+    assert "only a clone of the repository has: git clone https://" in line
+
+
+def test_bench_with_no_name_lists_the_benchmarks() -> None:
+    result = llmbridge("bench")
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "stream_apps")
+    for name in names:
+        assert f"\n  {name} " in result.stdout
+
+
+def test_bench_runs_a_benchmark_prints_its_table_and_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    png = tmp_path / "batching.png"
+    result = llmbridge("bench", "--plot", str(png), *FAST_BENCH[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "concurrent | unbatched req/s" in result.stdout
+    assert "       128 |" in result.stdout
+    assert f"llmbridge bench: wrote {png}" in result.stdout
+    assert "benchmark batching" in result.stderr  # the progress bar
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_the_extra_prints_the_table_and_says_what_to_install(
+    tmp_path: Path,
+) -> None:
+    """No matplotlib and no tqdm: the table still prints; the plot is skipped with a
+    line naming the extra."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = sys.modules['tqdm'] = None\n"
+        "from llmbridge._cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = llmbridge(*FAST_BENCH, cwd=tmp_path, code=code)
+    assert result.returncode == 0, result.stderr
+    assert "concurrent | unbatched req/s" in result.stdout
+    assert 'no plot without matplotlib: pip install -e ".[bench]"' in result.stdout
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_failing_benchmark_is_one_line() -> None:
+    result = llmbridge("bench", "batching", "--no-such-option")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "llmbridge bench: benchmarks/batching.py exited with status 2"
+    )
+
+
+PIPES = """\
+batch call = 1.0 ms
+
+concurrent | unbatched req/s |  p50 ms | throughput x
+----------------------------------------------------
+         1 |           691.8 |     1.4 |          1.0
+       128 |           575.6 |   222.8 |         26.5
+"""
+
+FIXED = """\
+Pinging for 10 s while 4 clients call
+
+mode         pings      p50 ms      p99 ms  /llm calls
+plain           12       812.0       950.1           4
+offload       9120         0.9         2.5          12
+"""
+
+
+def test_find_tables_reads_pipe_and_aligned_columns() -> None:
+    (pipes,) = find_tables(PIPES)
+    assert pipes.header == ["concurrent", "unbatched req/s", "p50 ms", "throughput x"]
+    assert pipes.rows[1] == ["128", "575.6", "222.8", "26.5"]
+    assert pipes.numeric_columns() == [1, 2, 3]
+    (fixed,) = find_tables(FIXED)
+    assert fixed.header == ["mode", "pings", "p50 ms", "p99 ms", "/llm calls"]
+    assert fixed.rows == [
+        ["plain", "12", "812.0", "950.1", "4"],
+        ["offload", "9120", "0.9", "2.5", "12"],
+    ]
+    assert find_tables("just some words\nand more words\n") == []
+
+
+def test_python_dash_m_runs_in_a_fresh_interpreter() -> None:
+    result = llmbridge("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("llmbridge ")
