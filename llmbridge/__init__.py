@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._core.engine import Engine, EngineStats, Submitter
 from ._core.locked import Locked, locked
 from ._core.observe import Observer
-from ._core.request import Outcome
+from ._core.request import RequestOutcome
 from ._core.stream import Completion, Request, Stream
 from ._exceptions import (
     BackendError,
@@ -45,10 +45,10 @@ __all__ = [
     "LLMBridgeError",
     "Locked",
     "Observer",
-    "Outcome",
     "Overloaded",
     "RateLimited",
     "Request",
+    "RequestOutcome",
     "SlowConsumer",
     "Stream",
     "Submitter",

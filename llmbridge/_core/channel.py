@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 from .._exceptions import Cancelled, Timeout
-from .request import Completion, Outcome, Request
+from .request import Completion, Request, RequestOutcome
 from .wakeups import Wakeups, resolve
 
-__all__ = ["Channel", "Completion", "Outcome", "Request", "Wakeups"]
+__all__ = ["Channel", "Completion", "Request", "RequestOutcome", "Wakeups"]
 
 
 _RUNNING, _FINISHED, _FAILED = 0, 1, 2
@@ -91,7 +91,7 @@ class Channel:
         self._t_first: float | None = None
         self._t_end: float | None = None
         self._on_cancel = on_cancel
-        self._outcome: Outcome | None = None
+        self._outcome: RequestOutcome | None = None
         #: What the policies did with the request (``"cache_hit"``, ``"coalesced"``),
         #: for metrics and the log line; ``None`` until the first :meth:`note`.
         self.notes: list[str] | None = None
@@ -103,15 +103,15 @@ class Channel:
         else:
             self.notes.append(what)
 
-    def outcome(self) -> Outcome:
-        """How the request went so far (:class:`Outcome`), ended or not, failed or not.
+    def outcome(self) -> RequestOutcome:
+        """How the request went so far (:class:`RequestOutcome`), ended or not, failed or not.
         Never blocks for long (the channel's lock); any thread."""
         if self._outcome is not None:
             return self._outcome  # an ended channel's never changes: built once
         with self._lock:
             submitted = self.request.submitted_at
             end = self._t_end if self._t_end is not None else time.monotonic()
-            outcome = Outcome(
+            outcome = RequestOutcome(
                 id=self.request.id,
                 finish_reason=self._finish_reason if self._state != _RUNNING else "",
                 error=self._error,

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Completion", "Outcome", "Request"]
+__all__ = ["Completion", "Request", "RequestOutcome"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RequestOutcome:
     """How a request went, readable while it runs or after it ended, failed or not.
 
     What metrics and the per-request log line read. ``finish_reason`` is ``""`` while
