@@ -2,8 +2,9 @@
 
 Environment: ``OBS_LOG`` (a file: the ``llmbridge.request`` lines as JSON),
 ``OBS_METRICS_PATH`` (the bridges' ``metrics_path``, ``/metrics`` by default; empty:
-off), ``OBS_MAX_QUEUED``, ``OBS_PIPELINE`` (``1``: a Pipeline with a memory cache and a
-2-per-minute rate limit in front of the engine), ``OBS_TRACE`` (a file: finished spans as JSON
+off), ``OBS_MAX_QUEUED`` and ``OBS_MAX_BATCH`` (the engine's bounds), ``OBS_PIPELINE``
+(``1``: a Pipeline with a memory cache and a 2-per-minute rate limit in front of the
+engine), ``OBS_TRACE`` (a file: finished spans as JSON
 lines, through the bridges' ``tracing`` option and the OpenTelemetry SDK).
 """
 
@@ -71,7 +72,9 @@ def make_engine() -> Engine:
             SEEN.append(job.identifier)
         return job
 
-    backend = StepBackend(generator, make_job)
+    backend = StepBackend(
+        generator, make_job, max_batch_size=int(os.environ.get("OBS_MAX_BATCH", "64"))
+    )
     return Engine(backend, max_queued=int(os.environ.get("OBS_MAX_QUEUED", "1024")), name="obs")
 
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import PYTHON, free_port, run_server
+from support import PYTHON, free_port, run_server, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -107,3 +108,46 @@ def test_metrics_route_is_off_with_one_option() -> None:
     with quart_server({"OBS_METRICS_PATH": ""}) as server, httpx.Client(timeout=30) as client:
         assert client.post(f"{server.url}/generate", json={}).status_code == 200
         assert client.get(f"{server.url}/metrics").status_code == 404
+
+
+@pytest.mark.timeout(90)
+def test_a_refused_request_is_a_503_line_and_a_rejected_outcome(tmp_path: Any) -> None:
+    """One backend slot, one queue place: with both taken, the next request is refused at
+    once with a 503 problem; its log line says 503 and the metrics count it rejected."""
+    log = tmp_path / "requests.log"
+    args = [
+        PYTHON, "-m", "gunicorn", "-k", "gthread", "--threads", "8", "-w", "1",
+        "-b", "127.0.0.1:{port}", "observe_apps:flask_app()",
+    ]  # fmt: skip
+    env = {"OBS_MAX_BATCH": "1", "OBS_MAX_QUEUED": "1", "OBS_LOG": str(log)}
+    with (
+        run_server(args, port=free_port(), env=env) as server,
+        httpx.Client(timeout=30) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        long = {"prompt": "long", "max_new_tokens": 1_000_000}
+        with client.stream("POST", f"{server.url}/sse", json=long) as streaming:
+            # Keep the iterator: a dropped one is finalised, which closes the response.
+            chunks = streaming.iter_bytes()
+            next(chunks)  # the one slot is taken
+            waiting = pool.submit(
+                httpx.post, f"{server.url}/generate", json={"prompt": "w"}, timeout=30
+            )
+
+            def queued() -> bool:
+                text = client.get(f"{server.url}/metrics").text
+                return totals(text).get("llmbridge:num_requests_waiting") == 1
+
+            assert wait_until(queued)
+            refused = client.post(f"{server.url}/generate", json={"prompt": "r"})
+        assert waiting.result(timeout=30).status_code == 200
+        text = client.get(f"{server.url}/metrics").text
+        assert wait_until(lambda: len(log.read_text().splitlines()) >= 3)
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "Retry-After" in refused.headers
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    (line,) = [line for line in lines if line["status"] == 503]
+    assert line["request_id"] == refused.headers["X-Request-Id"] == refused.json()["request_id"]
+    outcomes = by_label(text, "llmbridge:request_outcomes_total", "finish_reason")
+    assert outcomes["rejected"] == 1
