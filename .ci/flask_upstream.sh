@@ -27,10 +27,25 @@ if ! grep -q '^PASSED' "$work/plain.txt"; then
     echo "Flask's test suite passed no test: nothing was compared" >&2
     exit 1
 fi
+# Known, documented differences: the bridge adds its health routes (/livez, /readyz; off
+# with health=False) to every app, so the tests that print `flask routes` see two more.
+# Each listed test must really differ (a list that no longer applies fails too).
+known=(
+    tests/test_cli.py::TestRoutes::test_no_routes
+    tests/test_cli.py::TestRoutes::test_simple
+    tests/test_cli.py::TestRoutes::test_sort
+)
+for test in "${known[@]}"; do
+    if ! grep -qx "PASSED $test" "$work/plain.txt" || ! grep -qx "FAILED $test" "$work/bridged.txt"; then
+        echo "known difference no longer applies (remove it from the list): $test" >&2
+        exit 1
+    fi
+    sed -i "s|^FAILED $test\$|PASSED $test|" "$work/bridged.txt"
+done
 if ! diff -u "$work/plain.txt" "$work/bridged.txt"; then
     echo "Flask's own tests behave differently with FlaskBridge installed" >&2
     exit 1
 fi
 echo "Flask $version's own test suite: $(grep -c '^PASSED' "$work/plain.txt") passed," \
      "$(grep -c -E '^(FAILED|ERROR)' "$work/plain.txt" || true) failed, identical with" \
-     "FlaskBridge installed on every app"
+     "FlaskBridge installed on every app but for ${#known[@]} known differences (its health routes)"

@@ -17,10 +17,11 @@
     def stream():
         return bridge.sse("Hello")
 
-Installing the bridge adds three things to an app: an error handler that answers every
-:class:`~llmbridge.LLMBridgeError` with ``application/problem+json``, an ``after_request``
-hook that puts the request id in ``X-Request-Id`` on responses of views that used the
-bridge, and (unless ``LLMBRIDGE_ASYNC_VIEWS`` is false) ``async def`` views and hooks
+Installing the bridge adds four things to an app: the ``/livez`` and ``/readyz`` probes
+(:mod:`llmbridge._web.health`; ``health=False`` leaves them out), an error handler that
+answers every :class:`~llmbridge.LLMBridgeError` with ``application/problem+json``, an
+``after_request`` hook that puts the request id in ``X-Request-Id`` on responses of views
+that used the bridge, and (unless ``LLMBRIDGE_ASYNC_VIEWS`` is false) ``async def`` views and hooks
 running on the process's one background event loop instead of a new loop per call.
 The engine is optional: ``FlaskBridge(app)`` offloads and runs async views without one.
 """
@@ -79,6 +80,18 @@ class FlaskBridge(Bridge):
     ``max_threads``           ``LLMBRIDGE_MAX_THREADS``    :meth:`to_thread` pool size (40)
     ``max_processes``         ``LLMBRIDGE_MAX_PROCESSES``  :meth:`to_process` pool (CPUs)
     ``offload_timeout``       ``LLMBRIDGE_OFFLOAD_TIMEOUT``  default offload deadline
+    ``priority_levels``       ``LLMBRIDGE_PRIORITY_LEVELS``  read ``X-Priority`` (0 to N-1)
+                                                           as the request's ``priority``
+                                                           (``None``: ignore the header)
+    ``health``                ``LLMBRIDGE_HEALTH``         install ``/livez`` and
+                                                           ``/readyz`` (True)
+    ``health_prefix``         ``LLMBRIDGE_HEALTH_PREFIX``  path prefix of both probes ("")
+    ``liveness_path``         ``LLMBRIDGE_LIVENESS_PATH``  ("/livez")
+    ``readiness_path``        ``LLMBRIDGE_READINESS_PATH``  ("/readyz")
+    ``stuck_after``           ``LLMBRIDGE_STUCK_AFTER``    a step longer than this is not
+                                                           live (30 s)
+    ``warmup``                ``LLMBRIDGE_WARMUP``         a prompt to finish once before
+                                                           ready (``None``)
     ``metrics_path``          ``LLMBRIDGE_METRICS_PATH``   serve the ``llmbridge:`` metrics
                                                            here, e.g. ``"/metrics"`` (None:
                                                            off; needs ``[metrics]``)

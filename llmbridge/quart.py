@@ -45,6 +45,7 @@ from ._runtime.offload import DEFAULT, Offloaded, ProcessOffloaded, TimeoutArg
 from ._web.body import BodyFormat
 from ._web.bridge import SETTINGS, AppState, Bridge, problem_parts
 from ._web.drain import Drain, find_engines
+from ._web.health import health_paths
 
 __all__ = ["QuartBridge", "StartingStream", "problem_response"]
 
@@ -104,9 +105,12 @@ class QuartBridge(Bridge):
     ``max_processes`` / ``offload_timeout`` (the offload pools), ``drain_timeout`` (10 s;
     keep it under the server's graceful timeout), ``retry_after`` (5 s, sent with 503
     while draining), ``handle_signals`` (True: start draining on SIGTERM/SIGINT, before
-    the server waits for connections), ``metrics_path`` (``None``; ``"/metrics"``:
-    serve the ``llmbridge:`` metrics there), ``tracing`` (False: a span per request,
-    with the ``otel`` extra).
+    the server waits for connections); and, as for :class:`~llmbridge.flask.FlaskBridge`,
+    ``priority_levels`` (read ``X-Priority``), the probes ``health``,
+    ``health_prefix``, ``liveness_path``, ``readiness_path``, ``stuck_after`` and
+    ``warmup`` (they still answer while draining: ready says no, live yes),
+    ``metrics_path`` (``None``; ``"/metrics"``: serve the ``llmbridge:`` metrics there)
+    and ``tracing`` (False: a span per request, with the ``otel`` extra).
 
     Install it on one app or several (``init_app``, each with its own engine);
     ``app.extensions["llmbridge"]`` is the bridge. Every coroutine runs on the app's loop
@@ -164,8 +168,11 @@ class QuartBridge(Bridge):
             finally:
                 drain.restore_signal_handlers()
 
+        probes = health_paths(settings) if settings["health"] else ()
+
         async def admit() -> Response | None:
-            if not drain.admitting:
+            # The probes answer while draining: ready says no, live still says yes.
+            if not drain.admitting and quart.request.path not in probes:
                 return self._problem_response(drain.refusal())  # type: ignore[no-any-return]
             return None
 
@@ -176,6 +183,20 @@ class QuartBridge(Bridge):
         app.after_serving(after_serving)
         app.before_request(admit)
         app.after_request(tag)
+
+    def _health_view(
+        self,
+        answer: Callable[[Callable[[], tuple[int, dict[str, Any]]]], Any],
+        probe: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> Callable[[], Any]:
+        async def view() -> Any:
+            return answer(probe)
+
+        return view
+
+    def _draining(self, state: AppState) -> bool:
+        drain = state.extra
+        return isinstance(drain, Drain) and not drain.admitting
 
     @property
     def drain(self) -> Drain:

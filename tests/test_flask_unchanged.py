@@ -36,8 +36,9 @@ class Custom(Exception):
     pass
 
 
-def build(with_bridge: bool) -> tuple[Flask, list[str]]:
-    """An app using a broad slice of Flask; ``log`` records hooks and teardowns."""
+def build(with_bridge: bool, **options: Any) -> tuple[Flask, list[str]]:
+    """An app using a broad slice of Flask; ``log`` records hooks and teardowns.
+    ``options`` go to the bridge."""
     log: list[str] = []
     app = Flask(__name__)
     app.secret_key = "not secret"
@@ -173,7 +174,7 @@ def build(with_bridge: bool) -> tuple[Flask, list[str]]:
         click.echo(f"hello {name}")
 
     if with_bridge:
-        FlaskBridge(app, engine=simulated_engine())
+        FlaskBridge(app, engine=simulated_engine(), **options)
     return app, log
 
 
@@ -251,9 +252,16 @@ def test_testing_mode_propagates_the_same_exceptions() -> None:
 
 def test_only_one_error_handler_and_the_async_hook_are_added() -> None:
     """The bridge adds one error handler (LLMBridgeError), the async_to_sync hook and
-    its extension entry; sync functions pass through ensure_sync untouched."""
+    its extension entry, and no route but its two probes (none with ``health=False``);
+    sync functions pass through ensure_sync untouched."""
     plain, _ = build(with_bridge=False)
-    bridged, _ = build(with_bridge=True)
+    bridged, _ = build(with_bridge=True, health=False)
+    probed, _ = build(with_bridge=True)
+    assert [r.rule for r in probed.url_map.iter_rules()] == [
+        *(r.rule for r in plain.url_map.iter_rules()),
+        "/livez",
+        "/readyz",
+    ]
 
     def handlers(app: Flask) -> dict[Any, Any]:
         return {
@@ -282,10 +290,11 @@ def test_only_one_error_handler_and_the_async_hook_are_added() -> None:
 
 
 def test_cli_commands_are_unchanged() -> None:
-    """The app's CLI (custom commands, routes listing) behaves the same."""
+    """The app's CLI (custom commands, routes listing) behaves the same (the probes,
+    the only routes the bridge adds, are off here: see the test above)."""
     outputs = []
     for with_bridge in (False, True):
-        app, _ = build(with_bridge)
+        app, _ = build(with_bridge, health=False)
         runner = app.test_cli_runner()
         greet = runner.invoke(args=["greet", "ada"])
         routes = runner.invoke(args=["routes"])

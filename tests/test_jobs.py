@@ -23,7 +23,7 @@ def queue() -> tuple[JobQueue, list[str]]:
     events: list[str] = []
     jobs = JobQueue(
         EngineStats(),
-        on_left_queue=lambda: events.append("left"),
+        on_left_queue=lambda job: events.append("left"),
         on_ended=lambda job: events.append(f"ended {job.id}"),
     )
     return jobs, events

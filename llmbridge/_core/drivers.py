@@ -10,12 +10,12 @@ import asyncio
 import inspect
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import aclosing
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import Cancelled, EngineClosed, LLMBridgeError
+from .admission import WaitingJobs
 from .channel import Request
 from .jobs import Job, JobQueue, wrap_error
 from .wakeups import loop_waker
@@ -135,7 +135,7 @@ class StepBackend:
             self._drop(job)
         paused.clear()
         by_handle: dict[int, Job] = {}
-        waiting: deque[Job] = deque()
+        waiting = WaitingJobs()  # by priority, aged: see WaitingJobs
         while True:
             new, stop = jobs.take()
             waiting.extend(new)
@@ -279,7 +279,7 @@ class _AsyncDriver:
         self.jobs = jobs
         self.max_concurrency = max_concurrency
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.waiting: deque[Job] = deque()
+        self.waiting = WaitingJobs()  # by priority, aged: see WaitingJobs
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -371,7 +371,8 @@ class CallableBackend:
     bounded pool of ``max_threads`` worker threads, never on the loop; a sync generator is
     closed between chunks once its consumer goes away, and waits between chunks while its
     reader is ``max_unread`` characters behind (an async generator awaits instead).
-    ``max_concurrency`` caps requests in flight; the rest wait in the engine's queue.
+    ``max_concurrency`` caps requests in flight; the rest wait in the engine's queue, by
+    ``priority`` (which ``fn`` does not receive).
 
     >>> def echo(prompt: str) -> str:
     ...     return prompt
@@ -409,11 +410,11 @@ class CallableBackend:
         """Run ``fn`` for one request and write what it produces to ``job``."""
         fn = self.fn
         if inspect.isasyncgenfunction(fn):
-            async with aclosing(fn(request.prompt, **request.params)) as agen:
+            async with aclosing(fn(request.prompt, **_call_params(request))) as agen:
                 await _emit_async(agen, job)
             return
         if inspect.iscoroutinefunction(fn):
-            result = await fn(request.prompt, **request.params)
+            result = await fn(request.prompt, **_call_params(request))
             if isinstance(result, AsyncIterator):
                 await _emit_async(result, job)
             else:
@@ -450,7 +451,7 @@ def _emit_result(result: Any, job: Job, *, on_worker: bool = False) -> None:
 
 
 def _run_sync(fn: Callable[..., Any], request: Request, job: Job) -> None:
-    result = fn(request.prompt, **request.params)
+    result = fn(request.prompt, **_call_params(request))
     if isinstance(result, Iterator) and hasattr(result, "close"):
         try:
             _emit_result(result, job, on_worker=True)
@@ -458,6 +459,15 @@ def _run_sync(fn: Callable[..., Any], request: Request, job: Job) -> None:
             result.close()
     else:
         _emit_result(result, job, on_worker=True)
+
+
+def _call_params(request: Request) -> dict[str, Any]:
+    # ``priority`` is the engine queue's, not a sampling parameter: a plain
+    # ``fn(prompt, max_new_tokens=...)`` must not get it.
+    params = request.params
+    if "priority" in params:
+        params = {k: v for k, v in params.items() if k != "priority"}
+    return params
 
 
 def _as_text(chunk: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -18,12 +19,20 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import BackendError, BadRequest, EngineClosed, Overloaded
+from .admission import DrainRate, estimate_tokens, request_priority, token_cost
 from .closing import Closing
 from .jobs import Backend, EngineStats, Job, JobQueue, JobSink
 from .observe import Observer
 from .stream import Channel, Request, Stream
 
-__all__ = ["Backend", "Engine", "EngineStats", "Job", "JobQueue", "Submitter"]
+__all__ = [
+    "Backend",
+    "Engine",
+    "EngineStats",
+    "Job",
+    "JobQueue",
+    "Submitter",
+]
 
 logger = logging.getLogger("llmbridge")
 
@@ -59,8 +68,18 @@ class Engine(Closing):
     ``gunicorn --preload`` workers each get a working engine.
 
     At most ``max_queued`` requests wait for a backend slot; beyond that :meth:`submit`
-    raises :class:`Overloaded` at once. Every method is safe to call from any thread or
-    event loop.
+    raises :class:`Overloaded` at once. With ``max_queued_tokens``, the waiting requests
+    also hold at most that many tokens: each counts its prompt (by ``token_estimate``,
+    default :func:`estimate_tokens`, characters / 4) plus the new tokens it asks for
+    (``max_new_tokens`` or ``max_tokens``); a request that alone exceeds the bound is
+    admitted only into an empty queue. A refusal's ``retry_after`` is how long the queue
+    takes to make room at the rate it drained over the last 30 s (1 s when it has not
+    drained at all, at most 300 s).
+
+    A request's ``priority`` parameter (an int, default 0; higher goes first) orders the
+    requests waiting for a slot, for every backend; it ages by ``priority_aging``
+    seconds per level, so no request starves (see :class:`WaitingJobs`). Every method is
+    safe to call from any thread or event loop.
 
     Memory per stream is bounded: once ``max_unread`` characters wait for a slow reader,
     the producer pauses (a step generator with ``pause``/``resume``, a worker thread, an
@@ -81,6 +100,9 @@ class Engine(Closing):
         /,
         *,
         max_queued: int = 1024,
+        max_queued_tokens: int | None = None,
+        token_estimate: Callable[[str], int] = estimate_tokens,
+        priority_aging: float = 1.0,
         max_unread: int | None = DEFAULT_MAX_UNREAD,
         max_output: int | None = None,
         close_timeout: float = 30.0,
@@ -88,11 +110,25 @@ class Engine(Closing):
     ) -> None:
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
             raise ValueError(f"max_queued must be a positive int, got {max_queued!r}")
-        for option, value in (("max_unread", max_unread), ("max_output", max_output)):
+        for option, value in (
+            ("max_unread", max_unread),
+            ("max_output", max_output),
+            ("max_queued_tokens", max_queued_tokens),
+        ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{option} must be a positive int or None, got {value!r}")
+        if not callable(token_estimate):
+            raise TypeError(f"token_estimate must be callable, got {token_estimate!r}")
+        if (
+            isinstance(priority_aging, bool)
+            or not isinstance(priority_aging, int | float)
+            or not 0 < priority_aging < math.inf
+        ):
+            raise ValueError(
+                f"priority_aging must be a number of seconds > 0, got {priority_aging!r}"
+            )
         if close_timeout < 0:
             raise ValueError(f"close_timeout must be >= 0, got {close_timeout!r}")
         if not isinstance(backend, Backend):
@@ -106,6 +142,9 @@ class Engine(Closing):
             backend = CallableBackend(backend)
         self.backend: Backend = backend
         self.max_queued = max_queued
+        self.max_queued_tokens = max_queued_tokens
+        self.token_estimate = token_estimate
+        self.priority_aging = float(priority_aging)
         self.max_unread = max_unread
         self.max_output = max_output
         self.close_timeout = close_timeout
@@ -119,6 +158,8 @@ class Engine(Closing):
         self._state = _NEW
         self._pid = os.getpid()
         self._queued = 0
+        self._queued_tokens = 0
+        self._drain_rate = DrainRate()
         self._stats = EngineStats()
         # Ids of live requests -> how many holders (a request's job, a pipeline's call).
         self._ids_in_use: dict[str, int] = {}
@@ -153,6 +194,11 @@ class Engine(Closing):
         return self._queued
 
     @property
+    def queued_tokens(self) -> int:
+        """Tokens the queued requests hold (counted only with ``max_queued_tokens``)."""
+        return self._queued_tokens
+
+    @property
     def in_flight(self) -> int:
         """Requests the engine thread has taken that have not ended yet."""
         return self._jobs.in_flight
@@ -167,6 +213,30 @@ class Engine(Closing):
         """The engine thread, once started."""
         return self._thread
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began: the engine admits nothing any more."""
+        return self._state in (_CLOSING, _CLOSED)
+
+    @property
+    def crashed(self) -> BaseException | None:
+        """What ended the engine thread when its backend's serving loop died, until the
+        next submit starts a fresh thread; else ``None``."""
+        return self._crashed if self._pid == os.getpid() else None
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has left its oldest command (a submit, a cancel, a
+        :meth:`ping`) waiting. A healthy thread takes commands between two steps, so a
+        value beyond one step's time means a step is stuck. 0.0 when not running."""
+        return self._jobs.stalled_for if self.running else 0.0
+
+    def ping(self) -> None:
+        """Ask the engine thread to come by for its commands, so :attr:`stalled_for`
+        measures it even while nobody submits. Never blocks; any thread."""
+        if self.running:
+            self._jobs.ping()
+
     def start(self) -> Engine:
         """Start the engine thread now instead of on first submit. Idempotent."""
         with self._lock:
@@ -180,24 +250,29 @@ class Engine(Closing):
         (``stream.id``); by default the engine makes one. An id already in use by a live
         request of this engine gets a suffix (``"abc"``, then ``"abc.2"``), so ids stay unique.
 
-        Raises :class:`Overloaded` if ``max_queued`` requests already wait,
+        Raises :class:`Overloaded` if ``max_queued`` requests already wait (or the
+        request's tokens would take the queue past ``max_queued_tokens``),
         :class:`EngineClosed` once :meth:`close` began, :class:`BadRequest` if ``prompt``
-        is not a ``str``. Safe from any thread and any event loop.
+        is not a ``str`` or ``priority`` not an int. Safe from any thread and any event
+        loop.
         """
         if not isinstance(prompt, str):
             raise BadRequest(f"prompt must be a str, got {type(prompt).__name__}")
+        priority = request_priority(params)
+        cost = token_cost(prompt, params, self.token_estimate, self.max_queued_tokens)
         with self._lock:
             if self._pid != os.getpid():
                 self._after_fork()
             if self._state in (_CLOSING, _CLOSED):
                 raise EngineClosed(f"{self.name} is closed")
-            if self._queued >= self.max_queued:
-                self._stats.rejected += 1
+            try:
+                self._admit_locked(cost)
+            except Overloaded:
                 self._observe_rejected()
-                raise Overloaded(f"{self.name}: {self._queued} requests already queued")
+                raise
             request = Request(self._reserve_id_locked(request_id), prompt, params)
             channel = Channel(request, max_unread=self.max_unread)
-            job = self._put_locked(request, channel, None)
+            job = self._put_locked(request, channel, None, cost, priority)
             jobs = self._jobs
             channel.set_on_cancel(functools.partial(jobs.cancel, job))
         if self._observer is not None:
@@ -238,19 +313,21 @@ class Engine(Closing):
         with :meth:`Job.cancel`. Raises :class:`Overloaded` and :class:`EngineClosed` like
         :meth:`submit`. Never blocks; any thread.
         """
+        request = channel.request
+        priority = request_priority(request.params)
+        cost = token_cost(
+            request.prompt, request.params, self.token_estimate, self.max_queued_tokens
+        )
         with self._lock:
             if self._pid != os.getpid():
                 self._after_fork()
             if self._state in (_CLOSING, _CLOSED):
                 raise EngineClosed(f"{self.name} is closed")
-            if self._queued >= self.max_queued:
-                self._stats.rejected += 1
-                raise Overloaded(f"{self.name}: {self._queued} requests already queued")
-            request = channel.request
+            self._admit_locked(cost)
             # The job holds the id too: it may outlive the channel (a cancelled attempt
             # still in the generator), and no new request may take the id until it ends.
             self._ids_in_use[request.id] = self._ids_in_use.get(request.id, 0) + 1
-            job = self._put_locked(request, channel, sink)
+            job = self._put_locked(request, channel, sink, cost, priority)
             jobs = self._jobs
         jobs.notify()
         return job
@@ -326,10 +403,34 @@ class Engine(Closing):
         queue.observer = self._observer
         return queue
 
-    def _put_locked(self, request: Request, channel: Channel, sink: JobSink | None) -> Job:
+    def _admit_locked(self, cost: int) -> None:
+        if self._queued >= self.max_queued:
+            self._stats.rejected += 1
+            raise Overloaded(
+                f"{self.name}: {self._queued} requests already queued",
+                retry_after=self._drain_rate.retry_after(self._queued - self.max_queued + 1),
+            )
+        limit = self.max_queued_tokens
+        if limit is not None and self._queued_tokens and self._queued_tokens + cost > limit:
+            self._stats.rejected += 1
+            raise Overloaded(
+                f"{self.name}: {self._queued_tokens} tokens already queued, "
+                f"this request needs {cost} more (max_queued_tokens={limit})",
+                retry_after=self._drain_rate.retry_after(
+                    self._queued_tokens + cost - limit, tokens=True
+                ),
+            )
+
+    def _put_locked(
+        self, request: Request, channel: Channel, sink: JobSink | None, cost: int, priority: int
+    ) -> Job:
         self._queued += 1
+        self._queued_tokens += cost
         jobs = self._jobs
         job = Job(jobs, request, channel, sink)
+        job.cost = cost
+        if priority:
+            job.rank = request.submitted_at - priority * self.priority_aging
         # Queued under the lock: a crashing engine thread swaps its queue under the
         # same lock, so a job lands either in the old queue (and is failed) or the new.
         jobs.put(job)
@@ -371,14 +472,18 @@ class Engine(Closing):
             except Exception:
                 logger.exception("%s: observer %r failed", self.name, observer)
 
-    def _left_queue(self) -> None:
+    def _left_queue(self, job: Job) -> None:
         with self._lock:
             self._queued -= 1
+            self._queued_tokens -= job.cost
+            if job.started:
+                self._drain_rate.record(job.cost)
 
     def _start_locked(self) -> None:
         if self._state != _NEW:
             return
         self._state = _RUNNING
+        self._crashed = None
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -394,6 +499,7 @@ class Engine(Closing):
                     # Recover: the next submit starts a fresh thread on a fresh queue.
                     self._jobs = self._new_queue()
                     self._queued = 0
+                    self._queued_tokens = 0
                     self._state = _NEW
             # Nothing reaches the old queue now (submits go to the new one); what it
             # holds fails outside the lock, since ending a job takes the lock.
@@ -425,7 +531,7 @@ class Engine(Closing):
             self._state = _CLOSED
 
 
-def _nothing() -> None:
+def _nothing(*_: object) -> None:
     pass
 
 

@@ -105,8 +105,10 @@ class Job:
         "_plain",
         "_queue",
         "channel",
+        "cost",
         "dropped",
         "handle",
+        "rank",
         "request",
         "sink",
         "started",
@@ -122,6 +124,11 @@ class Job:
         self.handle: Any = None
         self.started = False
         self.dropped = False
+        #: Tokens this job holds in the engine's ``max_queued_tokens`` while it waits.
+        self.cost = 0
+        #: Its place among waiting jobs (lower goes first): the submit time, moved
+        #: earlier by its priority (see :class:`WaitingJobs`).
+        self.rank = request.submitted_at
         self._ended = False
         self._emitted = 0
         # No sink and no output cap: once the job ends its channel has ended too, so
@@ -152,7 +159,7 @@ class Job:
             return
         self.started = True
         self.channel.start()
-        self._queue._on_left_queue()
+        self._queue._on_left_queue(self)
 
     def emit(self, text: str, tokens: int = 1) -> bool:
         """Send ``text`` to the consumer. Never blocks; returns False once the job ended.
@@ -256,7 +263,7 @@ class JobQueue:
         self,
         stats: EngineStats,
         *,
-        on_left_queue: Callable[[], None],
+        on_left_queue: Callable[[Job], None],
         on_ended: Callable[[Job], None] | None = None,
         max_output: int | None = None,
     ) -> None:
@@ -273,6 +280,10 @@ class JobQueue:
         self._flush_hook: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._live: set[Job] = set()
+        # The heartbeat: when the oldest command not yet taken arrived (None: none
+        # waits). Set before a command is appended and cleared after take() drained
+        # them, so a stale time can only under-report a wait, never invent one.
+        self._pending_since: float | None = None
         #: The engine thread's ident, set by the engine before ``serve`` runs.
         self.thread_id: int | None = None
         #: The engine's observer (told of each step's batch size), or ``None``.
@@ -282,12 +293,31 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         """Queue a new job (the engine does, under its admission lock). Never blocks."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._commands.append((True, job))
 
     def cancel(self, job: Job) -> None:
         """Ask the engine thread to stop ``job``. Never blocks; safe from any thread."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._commands.append((False, job))
         self._notifier()
+
+    def ping(self) -> None:
+        """Ask the engine thread to come by :meth:`take`, as a command would. Never
+        blocks; any thread. A health check pings, then reads :attr:`stalled_for`."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        self._notifier()
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the oldest command (or :meth:`ping`) has waited for the engine thread
+        to :meth:`take` it; 0.0 when none waits. A live engine thread takes commands
+        between two steps, so this grows past one step only when a step is stuck."""
+        since = self._pending_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def notify(self) -> None:
         """Wake the engine thread (a paused job's consumer made room)."""
@@ -383,6 +413,7 @@ class JobQueue:
                     stop.append(job)
             else:
                 self.drop(job)
+        self._pending_since = None
         return new, stop
 
     def drop(self, job: Job, error: BaseException | None = None) -> None:
@@ -391,7 +422,7 @@ class JobQueue:
         if job.dropped or job.started:
             return
         job.dropped = True
-        self._on_left_queue()
+        self._on_left_queue(job)
         job.fail(error if error is not None else Cancelled("cancelled before it started"))
 
     def expire(self, error: BaseException) -> None:

@@ -84,7 +84,9 @@ class Settings:
     ``max_body_bytes`` bounds the request body (larger ones get 413 before they are read
     whole), ``max_input_chars`` the rendered prompt, ``max_tokens_limit`` the requested
     completion length; ``default_max_tokens`` is submitted when the client gives none
-    (``None`` leaves it to the backend).
+    (``None`` leaves it to the backend). With ``priority_levels`` (opt-in), a request's
+    ``priority`` field, an integer from 0 to ``priority_levels - 1`` (higher goes first),
+    is submitted as the engine's ``priority``; without it the field is ignored.
     """
 
     models: tuple[str, ...] = ("llmbridge",)
@@ -94,6 +96,7 @@ class Settings:
     max_tokens_limit: int = 4096
     default_max_tokens: int | None = None
     owned_by: str = "llmbridge"
+    priority_levels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,17 @@ def _common(body: dict[str, Any], settings: Settings, prompt: str, where: str) -
         params["max_new_tokens"] = max_tokens
     elif settings.default_max_tokens is not None:
         params["max_new_tokens"] = settings.default_max_tokens
+    levels = settings.priority_levels
+    if levels is not None:
+        priority = _integer(body, "priority")
+        if priority is not None:
+            if not 0 <= priority < levels:
+                raise InvalidRequest(
+                    f"Invalid 'priority': {priority} is not between 0 and {levels - 1}.",
+                    param="priority",
+                    code="invalid_value",
+                )
+            params["priority"] = priority
     for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         number = _number(body, key, low, high)
         if number is not None:

@@ -28,15 +28,17 @@ from typing import Any, ClassVar, TypeVar
 
 from .._core.engine import Submitter
 from .._core.stream import Stream
-from .._exceptions import Cancelled, LLMBridgeError
+from .._exceptions import BadRequest, Cancelled, LLMBridgeError
 from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
 from . import reqlog
 from .body import BodyFormat, StreamBody
-from .reqlog import RequestRecord
+from .health import HEALTH_SETTINGS, Health, check_health_settings, health_paths, health_response
+from .reqlog import RECORD_KEY, RequestRecord, current_record
 
 __all__ = [
+    "PRIORITY_HEADER",
     "REQUEST_ID_HEADER",
     "SETTINGS",
     "AppState",
@@ -52,6 +54,9 @@ T = TypeVar("T")
 
 #: The header a request id travels in, both ways.
 REQUEST_ID_HEADER = "X-Request-Id"
+
+#: The header a client's request priority travels in (read only with ``priority_levels``).
+PRIORITY_HEADER = "X-Priority"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -69,32 +74,9 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
     "metrics_path": ("LLMBRIDGE_METRICS_PATH", None),
     "tracing": ("LLMBRIDGE_TRACING", False),
+    "priority_levels": ("LLMBRIDGE_PRIORITY_LEVELS", None),
+    **HEALTH_SETTINGS,
 }
-
-#: Where the current request's log record is kept, on the framework's ``g``.
-_RECORD_KEY = "_llmbridge_record"
-#: Where authentication puts the caller's :class:`~llmbridge.openai.Principal`, on ``g``
-#: (its ``id`` is the log line's ``key_id``).
-PRINCIPAL_ATTR = "llmbridge_principal"
-
-
-def _record(web: Any) -> RequestRecord | None:
-    """The current request's log record, made on first use (``None`` outside a request)."""
-    if not web.has_request_context():
-        return None
-    g = web.g
-    record: RequestRecord | None = getattr(g, _RECORD_KEY, None)
-    if record is None:
-        request = web.request
-        rule = request.url_rule
-        record = RequestRecord(
-            request.method,
-            rule.rule if rule is not None else request.path,
-            key_id=getattr(getattr(g, PRINCIPAL_ATTR, None), "id", None),
-            traceparent=request.headers.get("traceparent"),
-        )
-        setattr(g, _RECORD_KEY, record)
-    return record
 
 
 def valid_request_id(value: str | None) -> str | None:
@@ -109,6 +91,25 @@ def _client_request_id(web: Any) -> str | None:
     if not web.has_request_context():
         return None
     return valid_request_id(web.request.headers.get(REQUEST_ID_HEADER))
+
+
+def _client_priority(web: Any, levels: int | None) -> int | None:
+    """The client's ``X-Priority`` (an int from 0 to ``levels - 1``), when the bridge
+    reads it; raises :class:`~llmbridge.BadRequest` for any other value."""
+    if levels is None or not web.has_request_context():
+        return None
+    value = web.request.headers.get(PRIORITY_HEADER)
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 3 and int(text) < levels):
+        raise BadRequest(f"{PRIORITY_HEADER} must be an integer from 0 to {levels - 1}")
+    return int(text)
+
+
+def _check_priority_levels(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(f"priority_levels must be an int >= 2 or None, got {value!r}")
 
 
 def _remember(web: Any, request_id: str) -> None:
@@ -146,7 +147,7 @@ def problem_parts(
     try:
         request_id = request_id or _current_request_id(web)
         log_answer(error, request_id)
-        record = _record(web)
+        record = current_record(web)
         if record is not None:
             record.error = error
         body = problem(error, request_id)
@@ -205,6 +206,8 @@ class Bridge:
 
     def _check_options(self, options: Mapping[str, Any]) -> None:
         check_bridge_options(self._owner, options, self._settings_table)
+        check_health_settings(options)
+        _check_priority_levels(options.get("priority_levels"))
 
     def init_app(self, app: Any, *, engine: Submitter | None = None, **options: Any) -> None:
         """Install the bridge on ``app``; call it before the app serves requests.
@@ -227,6 +230,8 @@ class Bridge:
         self._configure_offloader(settings)
         self._apps[app] = state
         app.extensions["llmbridge"] = self
+        if settings["health"]:
+            self._install_health(app, state)
         # Read through the framework's nested defaultdicts, never replace them: an app
         # that already handles LLMBridgeError keeps its own handler.
         if LLMBridgeError not in app.error_handler_spec[None][None]:
@@ -260,6 +265,40 @@ class Bridge:
     def _metrics_view(self, render: Callable[[], tuple[bytes, str]]) -> Callable[[], Any]:
         """The twin's ``/metrics`` view over ``render``."""
         raise NotImplementedError
+
+    def _install_health(self, app: Any, state: AppState) -> None:
+        """Add the liveness and readiness routes (see :mod:`llmbridge._web.health`)."""
+        settings = state.settings
+        health = Health(
+            state.engine,
+            stuck_after=settings["stuck_after"],
+            warmup=settings["warmup"],
+            draining=lambda: self._draining(state),
+        )
+        live, ready = health_paths(settings)
+        web = self._web
+
+        def answer(probe: Callable[[], tuple[int, dict[str, Any]]]) -> Any:
+            return web.Response(*health_response(*probe()))
+
+        app.add_url_rule(
+            live, "llmbridge_livez", self._health_view(answer, health.live), methods=["GET"]
+        )
+        app.add_url_rule(
+            ready, "llmbridge_readyz", self._health_view(answer, health.ready), methods=["GET"]
+        )
+
+    def _health_view(
+        self,
+        answer: Callable[[Callable[[], tuple[int, dict[str, Any]]]], Any],
+        probe: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> Callable[[], Any]:
+        """A view answering ``probe`` (the twin makes it a coroutine for Quart)."""
+        return lambda: answer(probe)
+
+    def _draining(self, state: AppState) -> bool:
+        """Whether the app stopped admitting (the Quart bridge's drain)."""
+        return False
 
     def _handler(self) -> Callable[[LLMBridgeError], Any]:
         """The error handler the twin registers (sync for Flask, async for Quart)."""
@@ -358,12 +397,16 @@ class Bridge:
         """
         engine = self.engine
         request_id = request_id or _client_request_id(self._web)
+        if "priority" not in params:
+            priority = _client_priority(self._web, self._state().settings["priority_levels"])
+            if priority is not None:
+                params["priority"] = priority
         if request_id is None:
             stream = engine.submit(prompt, **params)
         else:
             stream = engine.submit(prompt, request_id=request_id, **params)
         _remember(self._web, stream.id)
-        record = _record(self._web)
+        record = current_record(self._web)
         if record is not None and record.stream is None:
             record.stream = stream
         return stream
@@ -373,7 +416,7 @@ class Bridge:
             if params:
                 raise TypeError("parameters go to submit(), not with an already submitted stream")
             _remember(self._web, prompt.id)
-            record = _record(self._web)
+            record = current_record(self._web)
             if record is not None and record.stream is None:
                 record.stream = prompt
             return prompt
@@ -403,7 +446,7 @@ class Bridge:
 
     def _body(self, stream: Stream, format: BodyFormat) -> StreamBody:
         settings = self._state().settings
-        record = _record(self._web)
+        record = current_record(self._web)
         if record is not None:
             record.deferred = True  # the line is written when the body closes
 
@@ -446,7 +489,7 @@ class Bridge:
         request_id = getattr(g, _G_KEY, None)
         if request_id is not None and REQUEST_ID_HEADER not in response.headers:
             response.headers[REQUEST_ID_HEADER] = request_id
-        record: RequestRecord | None = getattr(g, _RECORD_KEY, None)
+        record: RequestRecord | None = getattr(g, RECORD_KEY, None)
         if record is not None:
             record.status = response.status_code
             if not record.deferred:

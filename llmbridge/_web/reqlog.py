@@ -20,7 +20,7 @@ from .._exceptions import RateLimited
 from .._sansio.problem import problem_status
 from .._sansio.reqlog import request_fields, request_message
 
-__all__ = ["LOGGER", "RequestRecord", "tracer"]
+__all__ = ["LOGGER", "PRINCIPAL_ATTR", "RECORD_KEY", "RequestRecord", "current_record", "tracer"]
 
 #: The logger of the per-request line.
 LOGGER = logging.getLogger("llmbridge.request")
@@ -126,3 +126,29 @@ class RequestRecord:
             LOGGER.handle(record)
         if tracer is not None:
             tracer(fields, self.traceparent, self.started_ns)
+
+
+#: Where the current request's log record is kept, on the framework's ``g``.
+RECORD_KEY = "_llmbridge_record"
+#: Where authentication puts the caller's :class:`~llmbridge.openai.Principal`, on ``g``
+#: (its ``id`` is the log line's ``key_id``).
+PRINCIPAL_ATTR = "llmbridge_principal"
+
+
+def current_record(web: Any) -> RequestRecord | None:
+    """The current request's log record, made on first use (``None`` outside a request)."""
+    if not web.has_request_context():
+        return None
+    g = web.g
+    record: RequestRecord | None = getattr(g, RECORD_KEY, None)
+    if record is None:
+        request = web.request
+        rule = request.url_rule
+        record = RequestRecord(
+            request.method,
+            rule.rule if rule is not None else request.path,
+            key_id=getattr(getattr(g, PRINCIPAL_ATTR, None), "id", None),
+            traceparent=request.headers.get("traceparent"),
+        )
+        setattr(g, RECORD_KEY, record)
+    return record
