@@ -14,3 +14,17 @@ graceful_timeout = 20
 # A long stream is not a stuck worker: the uvicorn worker heartbeats from its loop.
 timeout = 60
 keepalive = 5
+
+# One model for all workers: with LLMBRIDGE_ENGINE_TARGET=module:engine set, gunicorn
+# starts that engine in a process of its own before forking the workers, and every
+# worker's `shared_engine(factory)` submits to it over a private Unix socket (mode
+# 0600) instead of loading its own copy. It is stopped after the workers drained.
+# docs/howto/shared_engine.md explains it.
+import os  # noqa: E402
+
+if os.environ.get("LLMBRIDGE_ENGINE_TARGET"):
+    from llmbridge.gunicorn import EngineProcess
+
+    engine_process = EngineProcess(os.environ["LLMBRIDGE_ENGINE_TARGET"])
+    on_starting = engine_process.on_starting
+    on_exit = engine_process.on_exit

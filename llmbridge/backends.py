@@ -11,7 +11,8 @@
 Adapters to real engines, each imported only when first used (``import
 llmbridge.backends`` never imports httpx, torch or transformers):
 
-- :class:`OpenAIBackend`: any OpenAI-compatible HTTP API (``llmbridge[http]``).
+- :class:`OpenAIBackend`: any OpenAI-compatible HTTP API (``llmbridge[http]``), over
+  one or several :class:`Upstream` servers (balanced, with failover).
 - :class:`TransformersGenerator` / :func:`transformers_backend`: a local Hugging Face
   causal LM, batched (``llmbridge[hf]`` plus torch).
 - :class:`ExLlamaV2Adapter` / :func:`exllamav2_job_factory` /
@@ -29,7 +30,8 @@ from ._core.jobs import Backend, Job, JobQueue, JobSink
 if TYPE_CHECKING:
     from ._backends.exllama import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
     from ._backends.llamacpp import LlamaCppBackend
-    from ._backends.openai_http import OpenAIBackend
+    from ._backends.openai import OpenAIBackend
+    from ._backends.openai.upstreams import Upstream
     from ._backends.transformers import TransformersGenerator, transformers_backend
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "StepBackend",
     "StepGenerator",
     "TransformersGenerator",
+    "Upstream",
     "exllamav2_backend",
     "exllamav2_job_factory",
     "serve_async",
@@ -58,9 +61,10 @@ _LAZY = {
     "exllamav2_backend": "._backends.exllama",
     "exllamav2_job_factory": "._backends.exllama",
     "LlamaCppBackend": "._backends.llamacpp",
-    "OpenAIBackend": "._backends.openai_http",
+    "OpenAIBackend": "._backends.openai",
     "TransformersGenerator": "._backends.transformers",
     "transformers_backend": "._backends.transformers",
+    "Upstream": "._backends.openai.upstreams",
 }
 
 

@@ -53,9 +53,14 @@ class LLMBridgeCollector(Collector):
     Metrics: ``llmbridge_requests_<state>_total`` counters (every submitted request ends
     in exactly one of completed, failed, cancelled; ``rejected`` were never submitted),
     ``llmbridge_steps_total``,
-    ``llmbridge_queued`` (waiting for a backend slot), ``llmbridge_in_flight``, and for a
-    pipeline ``llmbridge_pipeline_<counter>_total`` (cache hits, coalesced requests,
-    rate-limited, ...). ``collect()`` only reads counters: thread-safe, never blocks.
+    ``llmbridge_queued`` (waiting for a backend slot), ``llmbridge_in_flight``; for a
+    backend with upstreams (:class:`~llmbridge.backends.OpenAIBackend`) its limits
+    (``llmbridge_backend_limit{limit="max_concurrency"|"max_connections"|...}``) and per
+    upstream ``llmbridge_upstream_requests_total``, ``..._failures_total``,
+    ``..._failovers_total``, ``llmbridge_upstream_outstanding`` and
+    ``llmbridge_upstream_cooling_down``; and for a pipeline
+    ``llmbridge_pipeline_<counter>_total`` (cache hits, coalesced requests, rate-limited,
+    ...). ``collect()`` only reads counters: thread-safe, never blocks.
     """
 
     def __init__(self, engine: Engine, *, name: str | None = None, pipeline: Any = None) -> None:
@@ -84,6 +89,7 @@ class LLMBridgeCollector(Collector):
         )
         in_flight.add_metric([self.name], self.engine.in_flight)
         yield in_flight
+        yield from self._backend_metrics()
         if self.pipeline is not None:
             for key, value in self.pipeline.stats.as_dict().items():
                 counter = CounterMetricFamily(
@@ -93,3 +99,38 @@ class LLMBridgeCollector(Collector):
                 )
                 counter.add_metric([self.name], value)
                 yield counter
+
+    def _backend_metrics(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = getattr(self.engine.backend, "stats", None)
+        if not isinstance(stats, dict) or not isinstance(stats.get("upstreams"), list):
+            return
+        limits = GaugeMetricFamily(
+            "llmbridge_backend_limit",
+            "The backend's configured limits (requests in flight, pool connections).",
+            labels=["engine", "limit"],
+        )
+        for key in ("max_concurrency", "max_connections", "max_keepalive"):
+            if isinstance(stats.get(key), int):
+                limits.add_metric([self.name, key], stats[key])
+        yield limits
+        labels = ["engine", "upstream"]
+        families: list[tuple[str, str, type[CounterMetricFamily | GaugeMetricFamily]]] = [
+            (
+                "requests",
+                "Requests sent to the upstream (failovers included).",
+                CounterMetricFamily,
+            ),
+            ("failures", "Requests that failed on the upstream's side.", CounterMetricFamily),
+            ("failovers", "Requests moved from this upstream to another.", CounterMetricFamily),
+            ("outstanding", "Requests in flight to the upstream.", GaugeMetricFamily),
+            (
+                "cooling_down",
+                "1 while the upstream's breaker keeps requests away.",
+                GaugeMetricFamily,
+            ),
+        ]
+        for key, help_text, family in families:
+            metric = family(f"llmbridge_upstream_{key}", help_text, labels=labels)
+            for upstream in stats["upstreams"]:
+                metric.add_metric([self.name, str(upstream["name"])], float(upstream[key]))
+            yield metric

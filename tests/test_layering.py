@@ -5,7 +5,7 @@ back through others: read from the source with ``ast``, so an import inside a fu
 The layers, bottom up (docs/discussion/design.md explains them):
 
     _exceptions  ->  _sansio  ->  _core  ->  _runtime  ->  _policies | _backends
-                 ->  _web  ->  _openai  ->  public modules (llmbridge, llmbridge.flask, ...)
+                 ->  _web  ->  _openai  ->  _host  ->  public modules (llmbridge, ...)
 """
 
 from __future__ import annotations
@@ -36,10 +36,15 @@ ALLOWED: dict[str, set[str]] = {
     },
     # The Flask -> Quart codemod: libcst and the standard library, nothing of the runtime.
     "_migrate": {"_migrate"},
+    # The shared engine process and its client: an OpenAI surface over the web body.
+    "_host": {
+        *("_exceptions", "_sansio", "_core", "_runtime", "_policies", "_backends", "_web"),
+        *("_openai", "_host"),
+    },
     # The command line sits on top: it drives the public API (and may reach any layer).
     "_cli": {
         *("_exceptions", "_sansio", "_core", "_runtime", "_policies", "_backends", "_web"),
-        *("_openai", "_migrate", "_cli", "public"),
+        *("_openai", "_migrate", "_host", "_cli", "public"),
     },
 }
 # The bottom layers are I/O-free or nearly: the standard library, and anyio for _core.

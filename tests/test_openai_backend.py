@@ -20,7 +20,7 @@ import anyio.from_thread
 import openai
 import pytest
 
-from llmbridge import Engine, Timeout, UpstreamError
+from llmbridge import BadRequest, Engine, Timeout, UpstreamError
 from llmbridge.backends import OpenAIBackend
 from llmbridge.openai import render_messages
 from llmbridge.testing import SimulatedGenerator
@@ -426,3 +426,38 @@ def test_backends_and_openai_modules_import_nothing_heavy() -> None:
     )
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_many_streams_start_at_once_with_the_default_limits(tiny: TinyUpstream) -> None:
+    """120 concurrent streams, more than httpx's default pool of 100 connections, all
+    reach the upstream at once: the pool is sized from max_concurrency (256), keeps as
+    many alive, and the limits and the streams in flight are in ``backend.stats``."""
+    backend = _backend(tiny.url)
+    with Engine(backend) as engine:
+        streams = [engine.submit(f"mode:slow:many{i}") for i in range(120)]
+        for stream in streams:
+            stream.wait_started(30)
+        open_now, stats = tiny.open_now, backend.stats
+        for stream in streams:
+            stream.close()
+    assert open_now >= 120
+    assert stats["in_flight"] == 120
+    assert stats["max_concurrency"] == stats["max_connections"] == stats["max_keepalive"] == 256
+    assert stats["upstreams"][0]["outstanding"] == 120
+
+
+@pytest.mark.timeout(60)
+def test_engine_chat_needs_no_dummy_prompt(upstream: Server) -> None:
+    """``engine.chat(messages)`` goes to /chat/completions over OpenAIBackend, and gives
+    a local backend the messages rendered by the default template as its prompt."""
+    messages = [{"role": "user", "content": "hi"}]
+    with Engine(_backend(upstream.url)) as engine:
+        done = engine.chat(messages, max_new_tokens=5).result(30)
+    assert done.text == EXPECTED.expected_text(render_messages(messages), 5)
+    seen: list[tuple[str, list[dict[str, str]]]] = []
+    with Engine(lambda prompt, messages: seen.append((prompt, messages)) or "ok") as engine:
+        assert engine.chat(messages).result(10).text == "ok"
+        with pytest.raises(BadRequest):
+            engine.chat("not a list")  # type: ignore[arg-type]
+    assert seen == [(render_messages(messages), messages)]

@@ -12,6 +12,7 @@ import llmbridge
 import llmbridge.asgi
 import llmbridge.backends
 import llmbridge.flask
+import llmbridge.gunicorn
 import llmbridge.metrics
 import llmbridge.openai
 import llmbridge.policies
@@ -23,6 +24,7 @@ PUBLIC_MODULES = [
     llmbridge.asgi,
     llmbridge.backends,
     llmbridge.flask,
+    llmbridge.gunicorn,
     llmbridge.metrics,
     llmbridge.openai,
     llmbridge.policies,

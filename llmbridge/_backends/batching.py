@@ -20,6 +20,7 @@ from typing import Any
 
 from .._core.channel import Request
 from .._core.jobs import Job, JobQueue, wrap_error
+from .._core.pieces import Ending, read_piece
 from .._core.wakeups import loop_waker
 from .._exceptions import BackendError, BadRequest, EngineClosed, LLMBridgeError, Timeout
 
@@ -55,7 +56,10 @@ class BatchBackend:
     ``fn`` may be sync (run in a worker thread, never on the engine's loop) or a
     coroutine function. It receives a list of :class:`~llmbridge.Request` and returns a
     list of the same length, in the same order; each item is the ``str`` answer of that
-    request or an exception instance that fails only that request. An exception from
+    request, an object that also says how it ended (``finish_reason``, usage: as a
+    :class:`~llmbridge.backends.CallableBackend` chunk, so ``"length"`` reaches the
+    client when ``max_tokens`` cut it), or an exception instance that fails only that
+    request. An exception from
     ``fn`` itself, or a list of the wrong length, fails the whole batch.
 
     - ``max_batch_size``: at most this many requests per call;
@@ -293,6 +297,17 @@ class _Batcher:
                 job.emit(result)
                 job.finish("stop")
             else:
-                kind = type(result).__name__
-                job.fail(BackendError(f"batch results must be str or an exception, got {kind}"))
+                ending = Ending()
+                try:
+                    text = read_piece(result, ending)
+                except TypeError:
+                    kind = type(result).__name__
+                    job.fail(BackendError(f"batch results must be str or an exception, got {kind}"))
+                    continue
+                job.emit(text)
+                job.finish(
+                    ending.finish_reason or "stop",
+                    prompt_tokens=ending.prompt_tokens,
+                    completion_tokens=ending.completion_tokens,
+                )
         self.jobs.flush()

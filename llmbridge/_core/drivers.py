@@ -18,6 +18,7 @@ from .._exceptions import Cancelled, EngineClosed, LLMBridgeError
 from .admission import WaitingJobs
 from .channel import Request
 from .jobs import Job, JobQueue, wrap_error
+from .pieces import Ending, is_piece, read_piece
 from .wakeups import loop_waker
 
 __all__ = [
@@ -365,10 +366,15 @@ class CallableBackend:
     """Runs a plain callable per request: ``fn(prompt, **params)``.
 
     ``fn`` may return a ``str``, return or yield an iterable of ``str`` chunks, or be a
-    coroutine function or async generator function. Async callables run on the engine's
-    own event loop, so an async client created on first use there (an
-    ``httpx.AsyncClient``) is shared and pooled by every request. Sync callables run in a
-    bounded pool of ``max_threads`` worker threads, never on the loop; a sync generator is
+    coroutine function or async generator function. A chunk (or the value returned) may
+    also be an object that says how the answer ended: an OpenAI SDK response or stream
+    chunk, or anything with ``text`` / ``finish_reason`` / ``prompt_tokens`` /
+    ``completion_tokens`` (see :mod:`llmbridge._core.pieces`), so a callable wrapping
+    another client reports ``"length"`` when ``max_tokens`` cut the answer; with plain
+    ``str`` the request finishes with ``"stop"`` and no prompt token count. Async
+    callables run on the engine's own event loop, so an async client created on first use
+    there (an ``httpx.AsyncClient``) is shared and pooled by every request. Sync callables
+    run in a bounded pool of ``max_threads`` worker threads, never on the loop; a sync generator is
     closed between chunks once its consumer goes away, and waits between chunks while its
     reader is ``max_unread`` characters behind (an async generator awaits instead).
     ``max_concurrency`` caps requests in flight; the rest wait in the engine's queue, by
@@ -409,56 +415,72 @@ class CallableBackend:
     async def generate(self, request: Request, job: Job) -> None:
         """Run ``fn`` for one request and write what it produces to ``job``."""
         fn = self.fn
+        ending = Ending()
         if inspect.isasyncgenfunction(fn):
             async with aclosing(fn(request.prompt, **_call_params(request))) as agen:
-                await _emit_async(agen, job)
-            return
-        if inspect.iscoroutinefunction(fn):
+                await _emit_async(agen, job, ending)
+        elif inspect.iscoroutinefunction(fn):
             result = await fn(request.prompt, **_call_params(request))
             if isinstance(result, AsyncIterator):
-                await _emit_async(result, job)
+                await _emit_async(result, job, ending)
             else:
-                _emit_result(result, job)
-            return
-        from .._runtime.offload import run_in_thread
+                _emit_result(result, job, ending)
+        else:
+            from .._runtime.offload import run_in_thread
 
-        # If the consumer leaves, this task is cancelled and stops waiting, but the call
-        # keeps its pool slot until its thread really returns (run_in_thread's contract);
-        # the worker stops at its next chunk now that the job has ended.
-        await run_in_thread(_run_sync, fn, request, job, limiter=self._limiter)
+            # If the consumer leaves, this task is cancelled and stops waiting, but the
+            # call keeps its pool slot until its thread really returns (run_in_thread's
+            # contract); the worker stops at its next chunk now that the job has ended.
+            await run_in_thread(_run_sync, fn, request, job, ending, limiter=self._limiter)
+        _finish(job, ending)
 
 
-async def _emit_async(chunks: AsyncIterator[Any], job: Job) -> None:
+def _finish(job: Job, ending: Ending) -> None:
+    if ending.reported:
+        job.finish(
+            ending.finish_reason or "stop",
+            prompt_tokens=ending.prompt_tokens,
+            completion_tokens=ending.completion_tokens,
+        )
+
+
+async def _emit_async(chunks: AsyncIterator[Any], job: Job, ending: Ending) -> None:
     async for chunk in chunks:
-        if not await job.aemit(_as_text(chunk)):
+        if not await job.aemit(read_piece(chunk, ending)):
             return
 
 
-def _emit_result(result: Any, job: Job, *, on_worker: bool = False) -> None:
+def _emit_result(result: Any, job: Job, ending: Ending, *, on_worker: bool = False) -> None:
     if isinstance(result, str):
         job.emit(result)
-    elif isinstance(result, Iterable):
+    elif isinstance(result, Iterable) and not is_piece(result):
         # A worker thread waits here while the reader is max_unread behind; the loop
         # (a coroutine's result: already all in memory) must not.
         emit = job.emit_or_wait if on_worker else job.emit
         for chunk in result:
-            if not emit(_as_text(chunk)):
+            if not emit(read_piece(chunk, ending)):
                 return
     elif isinstance(result, Awaitable):
         raise TypeError("the callable returned an awaitable: declare it with async def")
     else:
-        raise TypeError(f"the callable returned {type(result).__name__}, expected str or chunks")
+        try:
+            text = read_piece(result, ending)
+        except TypeError:
+            raise TypeError(
+                f"the callable returned {type(result).__name__}, expected str or chunks"
+            ) from None
+        job.emit(text)
 
 
-def _run_sync(fn: Callable[..., Any], request: Request, job: Job) -> None:
+def _run_sync(fn: Callable[..., Any], request: Request, job: Job, ending: Ending) -> None:
     result = fn(request.prompt, **_call_params(request))
     if isinstance(result, Iterator) and hasattr(result, "close"):
         try:
-            _emit_result(result, job, on_worker=True)
+            _emit_result(result, job, ending, on_worker=True)
         finally:
             result.close()
     else:
-        _emit_result(result, job, on_worker=True)
+        _emit_result(result, job, ending, on_worker=True)
 
 
 def _call_params(request: Request) -> dict[str, Any]:
@@ -468,9 +490,3 @@ def _call_params(request: Request) -> dict[str, Any]:
     if "priority" in params:
         params = {k: v for k, v in params.items() if k != "priority"}
     return params
-
-
-def _as_text(chunk: Any) -> str:
-    if isinstance(chunk, str):
-        return chunk
-    raise TypeError(f"chunks must be str, got {type(chunk).__name__}")

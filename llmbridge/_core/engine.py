@@ -15,10 +15,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import BackendError, BadRequest, EngineClosed, Overloaded
+from .._sansio.chat import chat_messages, render_messages
 from .admission import DrainRate, estimate_tokens, request_priority, token_cost
 from .closing import Closing
 from .jobs import Backend, EngineStats, Job, JobQueue, JobSink
@@ -279,6 +280,29 @@ class Engine(Closing):
             self._observe(channel, None)
         jobs.notify()  # outside the lock: waking a loop is a syscall
         return Stream(channel)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        /,
+        *,
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Stream:
+        """Submit a chat: ``messages`` as OpenAI's ``[{"role", "content"}, ...]``. Never
+        blocks; raises as :meth:`submit`.
+
+        The backend gets ``messages`` in its params (an
+        :class:`~llmbridge.backends.OpenAIBackend` sends them to ``/chat/completions``)
+        and, as the prompt, the messages rendered by the default chat template
+        (:func:`llmbridge.openai.render_messages`), for a backend that takes text.
+
+        >>> engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=8)  # doctest: +SKIP
+        """
+        messages = chat_messages(messages)
+        return self.submit(
+            render_messages(messages), request_id=request_id, messages=messages, **params
+        )
 
     # -- for a policy pipeline that writes into the engine's own request -------------
 

@@ -25,10 +25,12 @@ __all__ = [
     "ROUTE_METHODS",
     "SSE_HEADERS",
     "OpenAIFramer",
+    "RelayFramer",
     "error_body",
     "error_reply",
     "model_body",
     "models_body",
+    "relay_reply",
     "response_body",
     "retry_after_header",
 ]
@@ -154,6 +156,31 @@ class OpenAIFramer:
         if self._report is not None:
             self._report(error)
         return error_reply(error, self.request_id)
+
+
+class RelayFramer(OpenAIFramer):
+    """A passthrough stream: the text already is the upstream's SSE events (tool-call
+    deltas, logprobs, several choices, usage: all as the upstream sent them), so they
+    are relayed as they are, then ``data: [DONE]``. Errors are framed as
+    :class:`OpenAIFramer`'s. Not thread-safe: one per response."""
+
+    def head(self) -> bytes:
+        """Nothing: the upstream's first event comes first."""
+        return b""
+
+    def text(self, text: str) -> bytes:
+        """Whole SSE events, relayed."""
+        return text.encode("utf-8", "replace")
+
+    def end(self, outcome: Outcome) -> bytes:
+        """``data: [DONE]`` (the upstream's usage chunk, if any, was relayed already)."""
+        return DONE
+
+
+def relay_reply(text: str, headers: dict[str, str]) -> Reply:
+    """A passthrough whole answer: the upstream's JSON body, as it came."""
+    pairs = [("Content-Type", "application/json"), *headers.items()]
+    return Reply(200, text.encode("utf-8", "replace"), pairs)
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}

@@ -36,9 +36,11 @@ from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
     OpenAIFramer,
+    RelayFramer,
     error_reply,
     model_body,
     models_body,
+    relay_reply,
     response_body,
 )
 from .wire import (
@@ -69,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger("llmbridge.openai")
 
-_PARSERS: dict[str, Callable[[Any, Settings], ParsedRequest]] = {
+_PARSERS: dict[str, Callable[..., ParsedRequest]] = {
     "chat": parse_chat,
     "completion": parse_completion,
 }
@@ -218,7 +220,10 @@ class Call:
     def reply(self, completion: Completion) -> Reply:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
-        reply = Reply.json(response_body(self.parsed, completion), headers=headers)
+        if self.parsed.relay:
+            reply = relay_reply(completion.text, headers)
+        else:
+            reply = Reply.json(response_body(self.parsed, completion), headers=headers)
         if self.record is not None:
             self.record.finish(reply.status, self.stream.id)
         return reply
@@ -226,7 +231,8 @@ class Call:
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
         request_id = self.stream.id
-        framer: Any = OpenAIFramer(
+        kind = RelayFramer if self.parsed.relay else OpenAIFramer
+        framer: Any = kind(
             self.parsed, request_id=request_id, report=lambda e: report(e, request_id)
         )
         if self.principal is not None and self.principal.limits is not None:
@@ -242,6 +248,19 @@ class Call:
             start_timeout=self.routes.start_timeout,
             on_close=None if record is None else lambda: record.finish(None, request_id),
         )
+
+
+def _backend_of(submitter: Any) -> Any:
+    """The backend behind ``submitter``: an engine's own, or that of the engine a
+    wrapper (a policy pipeline) names ``engine``; ``None`` when there is none to see."""
+    for _ in range(4):
+        backend = getattr(submitter, "backend", None)
+        if backend is not None:
+            return backend
+        submitter = getattr(submitter, "engine", None)
+        if submitter is None:
+            return None
+    return None
 
 
 class _Metered:
@@ -274,7 +293,10 @@ class Routes:
     Other options: ``settings`` (:class:`Settings`), ``heartbeat`` (seconds of silence before
     an SSE comment; ``None``: never), ``start_timeout`` (seconds to wait for the first
     output before answering 504, streamed or not; ``None``: no limit), ``timeout``
-    (a non-streamed answer's whole deadline after its first output; ``None``: none).
+    (a non-streamed answer's whole deadline after its first output; ``None``: none),
+    ``passthrough`` (forward whole bodies and relay the upstream's answers; ``None``,
+    the default: when the submitter's engine has a backend that declares
+    ``passthrough = True``, such as :class:`~llmbridge.backends.OpenAIBackend`).
     Thread-safe: it holds no per-request state.
     """
 
@@ -288,6 +310,7 @@ class Routes:
         heartbeat: float | None = 15.0,
         start_timeout: float | None = 60.0,
         timeout: float | None = None,
+        passthrough: bool | None = None,
     ) -> None:
         if auth is _REQUIRED:
             raise TypeError(
@@ -313,6 +336,9 @@ class Routes:
         self.heartbeat = heartbeat
         self.start_timeout = start_timeout
         self.timeout = timeout
+        if passthrough is None:
+            passthrough = getattr(_backend_of(submitter), "passthrough", False) is True
+        self.passthrough = passthrough
         # Submitted requests' log records by id, until their answer (weak: a Call that
         # is dropped without one takes its record with it).
         self._records: weakref.WeakValueDictionary[str, RequestRecord] = (
@@ -419,7 +445,7 @@ class Routes:
         rate-limit key and cache namespace. Raises :class:`InvalidRequest` (400/405) or
         the submitter's admission error."""
         self.allow(method, "POST")
-        parsed = _PARSERS[kind](decode_json(raw), self.settings)
+        parsed = _PARSERS[kind](decode_json(raw), self.settings, passthrough=self.passthrough)
         request_id = valid_request_id(client_id)
         named: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         if principal is not None and isinstance(self.submitter, Pipeline):

@@ -14,6 +14,7 @@ backend can forward them unchanged). Only the ones the client sent are passed on
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._exceptions import BadRequest
+from .._sansio.chat import render_messages
 
 __all__ = [
+    "PASSTHROUGH_PARAM",
     "ChatTemplate",
     "InvalidRequest",
     "ParsedRequest",
@@ -38,6 +41,76 @@ Kind = Literal["chat", "completion"]
 ChatTemplate = Callable[[Sequence[Mapping[str, Any]]], str]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+logger = logging.getLogger("llmbridge.openai")
+
+#: The engine parameter a passthrough request's whole body travels in (see
+#: :class:`~llmbridge.backends.OpenAIBackend`).
+PASSTHROUGH_PARAM = "openai"
+
+# Fields the parsers read themselves, for every backend.
+_INTERPRETED = frozenset(
+    {
+        "model", "messages", "prompt", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
+    }
+)  # fmt: skip
+
+
+def _off(*defaults: Any) -> Callable[[Any], bool]:
+    return lambda value: (
+        value is None or any(value == d and type(value) is type(d) for d in defaults)
+    )
+
+
+# Fields a local backend can't honour: a value other than the field's "off" values is
+# a 400 naming the field (for an upstream in passthrough, every field is forwarded).
+_UNHONOURED: dict[str, Callable[[Any], bool]] = {
+    "tools": _off([]),
+    "tool_choice": _off("none", "auto"),
+    "functions": _off([]),
+    "function_call": _off("none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logprobs": _off(False, 0),
+    "top_logprobs": _off(0),
+    "logit_bias": _off({}),
+    "best_of": _off(1),
+    "echo": _off(False),
+    "suffix": _off(""),
+    "audio": _off(),
+    "modalities": _off(["text"]),
+    "prediction": _off(),
+    "presence_penalty": _off(0, 0.0),
+    "frequency_penalty": _off(0, 0.0),
+    "reasoning_effort": _off(),
+    "web_search_options": _off(),
+}
+
+# Fields that change nothing a local backend produces: accepted and not used.
+_IGNORED = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+     "prompt_cache_key", "verbosity"}
+)  # fmt: skip
+
+
+def _check_fields(body: dict[str, Any], passthrough: bool) -> None:
+    """Refuse (400, naming it) a field set to a value the backend can't honour; log the
+    fields nobody reads at debug. In passthrough every field goes upstream."""
+    if passthrough:
+        return
+    for name, value in body.items():
+        if name in _INTERPRETED or name in _IGNORED:
+            continue
+        is_off = _UNHONOURED.get(name)
+        if is_off is None:
+            logger.debug("ignoring the unknown request field %r", name)
+        elif not is_off(value):
+            raise InvalidRequest(
+                f"This server's model can't honour '{name}' (it runs locally, not behind "
+                "an OpenAI-compatible upstream): leave it out.",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 class InvalidRequest(BadRequest):
@@ -57,24 +130,6 @@ class InvalidRequest(BadRequest):
         self.param = param
         self.code = code
         self.status = status
-
-
-def render_messages(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The default chat template: each message as ``<|role|>\\ncontent\\n``, then
-    ``<|assistant|>\\n`` to cue the reply. Pure and deterministic, so an upstream that
-    renders the same messages gets the same prompt."""
-    parts = [f"<|{m['role']}|>\n{_content_text(m.get('content'))}\n" for m in messages]
-    parts.append("<|assistant|>\n")
-    return "".join(parts)
-
-
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    # A list of content parts: only text parts carry text for a text model.
-    return "".join(part["text"] for part in content if part.get("type") == "text")
 
 
 @dataclass(frozen=True)
@@ -110,6 +165,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    #: The answer is the upstream's own, relayed (the body went up in passthrough).
+    relay: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -238,7 +295,9 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _common(body: dict[str, Any], settings: Settings, prompt: str, where: str) -> dict[str, Any]:
+def _common(
+    body: dict[str, Any], settings: Settings, prompt: str, where: str, passthrough: bool
+) -> dict[str, Any]:
     """The sampling parameters both endpoints share, as engine parameters."""
     if len(prompt) > settings.max_input_chars:
         raise InvalidRequest(
@@ -285,7 +344,7 @@ def _common(body: dict[str, Any], settings: Settings, prompt: str, where: str) -
             )
         params["seed"] = seed
     n = _integer(body, "n")
-    if n is not None and n != 1:
+    if n is not None and n != 1 and not passthrough:
         raise InvalidRequest(
             "Only n=1 is supported: send one request per completion.",
             param="n",
@@ -334,8 +393,12 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def parse_chat(body: Any, settings: Settings) -> ParsedRequest:
-    """Validate a ``/v1/chat/completions`` body. Raises :class:`InvalidRequest`."""
+def parse_chat(body: Any, settings: Settings, *, passthrough: bool = False) -> ParsedRequest:
+    """Validate a ``/v1/chat/completions`` body. Raises :class:`InvalidRequest`.
+
+    ``passthrough``: the backend forwards the whole body upstream (it travels in
+    ``params["openai"]``); otherwise a field the local backend can't honour is a 400.
+    """
     body = _check_body(body)
     model = _model(body, settings)
     messages = body.get("messages")
@@ -398,10 +461,14 @@ def parse_chat(body: Any, settings: Settings) -> ParsedRequest:
         elif content is not None and not isinstance(content, str):
             raise _invalid_type(f"{where}.content", "a string or an array", content)
         clean.append(message)
+    _check_fields(body, passthrough)
     prompt = settings.chat_template(clean)
-    params = _common(body, settings, prompt, "messages")
-    params["messages"] = clean
+    params = _common(body, settings, prompt, "messages", passthrough)
     stream, include_usage = _stream_flags(body)
+    if passthrough:
+        params[PASSTHROUGH_PARAM] = body
+    else:
+        params["messages"] = clean
     return ParsedRequest(
         kind="chat",
         model=model,
@@ -410,11 +477,13 @@ def parse_chat(body: Any, settings: Settings) -> ParsedRequest:
         stream=stream,
         include_usage=include_usage,
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        relay=passthrough,
     )
 
 
-def parse_completion(body: Any, settings: Settings) -> ParsedRequest:
-    """Validate a ``/v1/completions`` body. Raises :class:`InvalidRequest`."""
+def parse_completion(body: Any, settings: Settings, *, passthrough: bool = False) -> ParsedRequest:
+    """Validate a ``/v1/completions`` body. Raises :class:`InvalidRequest`
+    (``passthrough`` as for :func:`parse_chat`)."""
     body = _check_body(body)
     model = _model(body, settings)
     prompt = body.get("prompt")
@@ -435,8 +504,11 @@ def parse_completion(body: Any, settings: Settings) -> ParsedRequest:
         )
     if not prompt:
         raise InvalidRequest("'prompt' must not be empty.", param="prompt", code="invalid_value")
-    params = _common(body, settings, prompt, "prompt")
+    _check_fields(body, passthrough)
+    params = _common(body, settings, prompt, "prompt", passthrough)
     stream, include_usage = _stream_flags(body)
+    if passthrough:
+        params[PASSTHROUGH_PARAM] = body
     return ParsedRequest(
         kind="completion",
         model=model,
@@ -444,4 +516,5 @@ def parse_completion(body: Any, settings: Settings) -> ParsedRequest:
         params=params,
         stream=stream,
         include_usage=include_usage,
+        relay=passthrough,
     )

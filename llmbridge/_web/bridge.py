@@ -23,13 +23,14 @@ import logging
 import re
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from .._core.engine import Submitter
 from .._core.stream import Stream
 from .._exceptions import BadRequest, Cancelled, LLMBridgeError
 from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
+from .._sansio.chat import chat_messages, render_messages
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
 from . import reqlog
@@ -410,6 +411,21 @@ class Bridge:
         if record is not None and record.stream is None:
             record.stream = stream
         return stream
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        /,
+        *,
+        request_id: str | None = None,
+        **params: Any,
+    ) -> Stream:
+        """Submit a chat to the current app's engine (see :meth:`llmbridge.Engine.chat`):
+        ``messages`` go to the backend, rendered by the default chat template as the
+        prompt. Hand the stream to :meth:`sse` / :meth:`stream` like any other
+        (``bridge.sse(bridge.chat(messages))``). Never blocks; raises as :meth:`submit`."""
+        clean = chat_messages(messages)
+        return self.submit(render_messages(clean), request_id=request_id, messages=clean, **params)
 
     def _submit(self, prompt: str | Stream, params: dict[str, Any]) -> Stream:
         if isinstance(prompt, Stream):

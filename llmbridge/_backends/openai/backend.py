@@ -1,0 +1,399 @@
+"""A backend that calls OpenAI-compatible HTTP APIs (OpenAI, vLLM, TGI, llama.cpp's
+server, Ollama, or another llmbridge): one or more upstreams, each through one pooled
+``httpx.AsyncClient``.
+
+The clients live on the engine's own event loop for the engine's whole life, so every
+thread and coroutine of the process shares their connection pools, and no request ever
+meets a client bound to a loop that has closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..._core.channel import Request
+from ..._core.drivers import _positive, serve_async
+from ..._core.jobs import Job, JobQueue
+from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
+from ..._sansio.sse import SSEDecoder, encode_event
+from .upstreams import Balancer, Upstream, UpstreamState
+from .wire import (
+    Call,
+    Progress,
+    json_object,
+    message_of,
+    parse_retry_after,
+    reason,
+    relayed,
+    stream_error,
+)
+
+try:
+    import httpx
+except ImportError:  # pragma: no cover - depends on the environment
+    # The name stays importable without the http extra (``from llmbridge.backends
+    # import *``); building an OpenAIBackend raises instead (_require_httpx).
+    pass
+
+__all__ = ["OpenAIBackend", "Upstream"]
+
+logger = logging.getLogger("llmbridge.openai")
+
+
+def _require_httpx() -> None:
+    """Raise an ``ImportError`` naming the extra when httpx is missing.
+
+    Checked when an :class:`OpenAIBackend` is built, not at import, so that the name
+    imports without httpx (``from llmbridge.backends import *`` in an app without the
+    ``http`` extra).
+    """
+    if "httpx" not in globals():
+        raise ImportError(
+            'llmbridge.backends.OpenAIBackend needs httpx: pip install "llmbridge[http]"'
+        )
+
+
+class _Attempt:
+    """One try on one upstream: whether any output reached the job (then no failover)."""
+
+    __slots__ = ("emitted",)
+
+    def __init__(self) -> None:
+        self.emitted = False
+
+
+class OpenAIBackend:
+    """Drives OpenAI-compatible APIs: ``/chat/completions`` and ``/completions``.
+
+    ``base_url`` names one upstream; ``upstreams`` (a list of :class:`Upstream` or URLs)
+    names several. Each attempt goes to the available upstream with the fewest
+    outstanding requests per unit of weight. An upstream that fails ``failures`` times
+    in a row (refused or broken connection, timeout, 429, 5xx) cools down for
+    ``cooldown`` seconds, when it gets no requests, then one request probes it. A request
+    that fails before its first chunk moves on to the next available upstream (each
+    upstream once); after the first chunk it never does, so no client sees text twice.
+    :attr:`stats` holds the counters per upstream.
+
+    Engine requests: with ``messages=[...]`` (or :meth:`~llmbridge.Engine.chat`) the
+    call goes to ``/chat/completions``, else to ``/completions`` with the prompt;
+    ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, penalties and
+    ``user`` are forwarded, ``model`` (per request, else the backend's, mapped by the
+    upstream's ``models``) names the model. ``stream`` (per request or the backend's
+    default) says whether the upstream streams; ``stream=False`` asks for whole answers.
+
+    Passthrough (``passthrough = True``): the ``/v1`` routes hand over the client's whole
+    body as ``params["openai"]``; it is forwarded field for field (tools,
+    response_format, logprobs, n, logit_bias, ...; only ``model`` is mapped), streamed
+    upstream only if the client asked for a stream, and the answer is relayed as it
+    came, so every response field reaches the client. The stream's text is then the
+    wire form (the JSON body, or SSE events), which is what every policy caches, shares
+    and retries.
+
+    Errors: an upstream error status becomes :class:`~llmbridge.UpstreamError`
+    (``upstream_status``, ``retryable`` for 429 and 5xx, ``retry_after``); a broken
+    connection or a stream that ends before its finish is a retryable
+    ``UpstreamError``; a timeout is :class:`~llmbridge.Timeout`. Cancelling a stream
+    cancels its task, which closes the upstream response (and its connection) at once.
+
+    Limits, explicit and sized from the configuration: ``max_concurrency`` caps
+    requests in flight (the rest wait in the engine's queue, counted in
+    ``Engine.queued``); each upstream's pool holds ``max_connections`` connections
+    (default: ``max_concurrency``, so no admitted request waits for a connection) and
+    keeps ``max_keepalive`` of them open when idle (default: ``max_connections``, so a
+    burst does not pay new connections again). ``timeout`` bounds reads and writes
+    (seconds between bytes), ``connect_timeout`` a connection. ``http2=True`` needs
+    ``pip install "httpx[http2]"``. Construct it anywhere; the clients are created on the
+    engine loop (:meth:`aopen`).
+
+    >>> backend = OpenAIBackend("http://127.0.0.1:8000/v1", api_key="sk-...", model="m")
+    """
+
+    #: The ``/v1`` routes forward whole request bodies to this backend.
+    passthrough = True
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        upstreams: Sequence[Upstream | str] | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        stream: bool = True,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        max_connections: int | None = None,
+        max_keepalive: int | None = None,
+        http2: bool = False,
+        headers: Mapping[str, str] | None = None,
+        max_concurrency: int = 256,
+        failures: int = 3,
+        cooldown: float = 5.0,
+    ) -> None:
+        _require_httpx()
+        if (base_url is None) == (upstreams is None):
+            raise ValueError("give OpenAIBackend either base_url or upstreams=[...]")
+        if upstreams is None:
+            assert base_url is not None
+            if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+            upstreams = [Upstream(base_url, api_key=api_key)]
+        configured = [
+            u if isinstance(u, Upstream) else Upstream(u, api_key=api_key) for u in upstreams
+        ]
+        if not configured:
+            raise ValueError("upstreams must name at least one upstream")
+        self.upstreams: tuple[Upstream, ...] = tuple(configured)
+        self.base_url = self.upstreams[0].url
+        self.api_key = api_key
+        self.model = model
+        self.stream = stream
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_concurrency = _positive("max_concurrency", max_concurrency)
+        self.max_connections = _positive(
+            "max_connections", self.max_concurrency if max_connections is None else max_connections
+        )
+        self.max_keepalive = _positive(
+            "max_keepalive", self.max_connections if max_keepalive is None else max_keepalive
+        )
+        self.http2 = http2
+        self.headers = dict(headers or {})
+        self.failures = _positive("failures", failures)
+        if not cooldown >= 0:
+            raise ValueError(f"cooldown must be >= 0, got {cooldown!r}")
+        self.cooldown = cooldown
+        self._states = [
+            UpstreamState(u, failures=self.failures, cooldown=cooldown) for u in self.upstreams
+        ]
+        self._balancer = Balancer(self._states)
+        self._in_flight = 0
+
+    def __repr__(self) -> str:
+        urls = ", ".join(repr(u.url) for u in self.upstreams)
+        return f"OpenAIBackend({urls}, model={self.model!r})"
+
+    @property
+    def client(self) -> httpx.AsyncClient | None:
+        """The first upstream's pooled client while the engine runs (``None`` before and
+        after)."""
+        client: httpx.AsyncClient | None = self._states[0].client
+        return client
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the limits and counters: ``in_flight`` (requests running now),
+        ``max_concurrency``, ``max_connections`` / ``max_keepalive`` (per upstream pool),
+        and ``upstreams``: per upstream ``requests``, ``failures``, ``failovers``,
+        ``outstanding``, ``cooling_down``, ``cooldowns``. Any thread; never blocks."""
+        return {
+            "in_flight": self._in_flight,
+            "max_concurrency": self.max_concurrency,
+            "max_connections": self.max_connections,
+            "max_keepalive": self.max_keepalive,
+            "upstreams": [state.as_dict() for state in self._states],
+        }
+
+    def serve(self, jobs: JobQueue) -> None:
+        """Run requests on the engine thread's event loop until the engine closes."""
+        serve_async(self, jobs, max_concurrency=self.max_concurrency)
+
+    async def aopen(self) -> None:
+        """Create one pooled client per upstream on the engine loop (called by the engine)."""
+        for state in self._states:
+            upstream = state.upstream
+            headers = {"Accept": "application/json", **self.headers}
+            if upstream.api_key:
+                headers["Authorization"] = f"Bearer {upstream.api_key}"
+            state.client = httpx.AsyncClient(
+                base_url=upstream.url,
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_keepalive,
+                ),
+                http2=self.http2,
+            )
+
+    async def aclose(self) -> None:
+        """Close the pooled clients (called by the engine as it stops)."""
+        for state in self._states:
+            client, state.client = state.client, None
+            if client is not None:
+                await client.aclose()
+
+    async def generate(self, request: Request, job: Job) -> None:
+        """Run one request upstream, failing over before its first chunk, and write its
+        output to ``job`` (engine loop only)."""
+        call = Call.of(request.prompt, request.params, model=self.model, stream=self.stream)
+        tried: list[UpstreamState] = []
+        last: LLMBridgeError | None = None
+        self._in_flight += 1
+        try:
+            while True:
+                state = self._balancer.pick(tried)
+                if state is None:
+                    raise last or self._none_left()
+                if state.client is None:
+                    raise BackendError("the OpenAIBackend is not open: run it in an Engine")
+                tried.append(state)
+                attempt = _Attempt()
+                state.begin()
+                # None: neither a success nor the upstream's failure (a cancellation, a
+                # bug of ours), so the breaker neither closes nor counts it.
+                failed: bool | None = None
+                try:
+                    await self._attempt(state, call, job, attempt)
+                    failed = False
+                    return
+                except LLMBridgeError as exc:
+                    failed = _counts_against(exc)
+                    if not failed or attempt.emitted or job.ended:
+                        raise
+                    state.failovers += 1
+                    logger.info(
+                        "request %s: upstream %s failed before its first chunk (%s); failing over",
+                        request.id,
+                        state.upstream.label,
+                        exc.message,
+                    )
+                    last = exc
+                finally:
+                    state.end(failed=failed)
+        finally:
+            self._in_flight -= 1
+
+    def _none_left(self) -> LLMBridgeError:
+        return UpstreamError(
+            "every upstream is cooling down after failures",
+            retryable=True,
+            retry_after=self._balancer.soonest_back(),
+            summary="no upstream is available",
+        )
+
+    async def _attempt(self, state: UpstreamState, call: Call, job: Job, attempt: _Attempt) -> None:
+        client = state.client
+        sent_model = state.upstream.model_for(call.model, self.model)
+        body = call.body_for(sent_model)
+        try:
+            if call.stream:
+                await self._streamed(client, call, body, sent_model, job, attempt)
+            else:
+                await self._whole(client, call, body, sent_model, job, attempt)
+        except httpx.TimeoutException as exc:
+            raise Timeout(f"the upstream timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                f"the upstream connection failed: {type(exc).__name__}: {exc}",
+                retryable=True,
+                summary="the upstream connection failed",
+            ) from exc
+
+    async def _whole(
+        self,
+        client: httpx.AsyncClient,
+        call: Call,
+        body: dict[str, Any],
+        sent_model: str | None,
+        job: Job,
+        attempt: _Attempt,
+    ) -> None:
+        response = await client.post(call.path, json=body)
+        if response.status_code >= 400:
+            raise _status_error(response, response.content)
+        raw = response.text
+        data = json_object(raw)
+        progress = Progress()
+        text = progress.read(data, whole=True)
+        if "choices" not in data or not isinstance(data["choices"], list):
+            raise UpstreamError("the upstream's answer has no choices")
+        tokens = progress.completion_tokens
+        if call.relay:
+            attempt.emitted = True
+            job.emit(relayed(raw, data, call.model, sent_model), tokens or 1)
+        elif text:
+            attempt.emitted = True
+            job.emit(text, tokens or 1)
+        job.finish(
+            reason(progress.finish),
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=tokens,
+        )
+
+    async def _streamed(
+        self,
+        client: httpx.AsyncClient,
+        call: Call,
+        body: dict[str, Any],
+        sent_model: str | None,
+        job: Job,
+        attempt: _Attempt,
+    ) -> None:
+        # Leaving this block for any reason (the end, an error, the task's cancellation
+        # when the consumer goes away) closes the response; unread, its connection is
+        # closed rather than pooled, so the upstream sees the disconnect at once.
+        async with client.stream("POST", call.path, json=body) as response:
+            if response.status_code >= 400:
+                raise _status_error(response, await response.aread())
+            decoder = SSEDecoder()
+            progress = Progress()
+            async for piece in response.aiter_bytes():
+                out: list[bytes] = []
+                pieces = progress.pieces
+                for event in decoder.feed(piece):
+                    if event.data.strip() == "[DONE]":
+                        if out:
+                            attempt.emitted = True
+                            tokens = progress.pieces - pieces
+                            if not await job.aemit(b"".join(out).decode(), tokens):
+                                return
+                        job.finish(
+                            reason(progress.finish),
+                            prompt_tokens=progress.prompt_tokens,
+                            completion_tokens=progress.completion_tokens or progress.pieces,
+                        )
+                        return
+                    data = json_object(event.data)
+                    if "error" in data:
+                        raise stream_error(data["error"])
+                    text = progress.read(data, whole=False)
+                    if call.relay:
+                        out.append(encode_event(relayed(event.data, data, call.model, sent_model)))
+                    elif text:
+                        attempt.emitted = True
+                        if not await job.aemit(text):
+                            return  # the consumer left: closing the response tells the upstream
+                if out:
+                    attempt.emitted = True
+                    # One emit per network read: the events that arrived together
+                    # travel together (coalescing keeps them whole SSE events).
+                    if not await job.aemit(b"".join(out).decode(), progress.pieces - pieces):
+                        return
+            raise UpstreamError(
+                "the upstream closed the stream before it finished (no data: [DONE])",
+                retryable=True,
+            )
+
+
+def _counts_against(error: LLMBridgeError) -> bool:
+    """Whether ``error`` is the upstream's fault (a failover and a breaker failure), not
+    the request's (a 400) or the consumer's (a cancellation)."""
+    if isinstance(error, Timeout):
+        return True
+    if isinstance(error, UpstreamError):
+        status = error.upstream_status
+        return status is None or status == 429 or status >= 500
+    return False
+
+
+def _status_error(response: httpx.Response, raw: bytes) -> UpstreamError:
+    status = response.status_code
+    detail = message_of(raw) or response.reason_phrase
+    return UpstreamError(
+        f"the upstream answered {status}: {detail}",
+        upstream_status=status,
+        retryable=status == 429 or status >= 500,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
