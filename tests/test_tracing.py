@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from observe_apps import OPENAI_KEY
 
 from support import PYTHON, free_port, run_server, wait_until
 
@@ -69,3 +70,29 @@ def test_one_span_per_request_parented_to_traceparent(tmp_path: Path, server_kin
     assert second["attributes"]["http.response.status_code"] == 502
     assert second["status"]["status_code"] == "ERROR"
     assert second["attributes"]["llmbridge.request_id"] == failed.headers["X-Request-Id"]
+
+
+def test_v1_spans_are_parented_and_carry_the_key_id(tmp_path: Path) -> None:
+    """A `/v1` request's span continues the client's trace too, and names the caller by
+    its key id (never the key)."""
+    trace_file = tmp_path / "spans.jsonl"
+    args = [
+        PYTHON, "-m", "gunicorn", "-k", "gthread", "--threads", "4", "-w", "1",
+        "-b", "127.0.0.1:{port}", "observe_apps:flask_app()",
+    ]  # fmt: skip
+    env = {"OBS_TRACE": str(trace_file)}
+    with run_server(args, port=free_port(), env=env) as server, httpx.Client(timeout=30) as c:
+        reply = c.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "llmbridge", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"traceparent": TRACEPARENT, "Authorization": f"Bearer {OPENAI_KEY}"},
+        )
+        assert reply.status_code == 200, reply.text
+        assert wait_until(lambda: len(spans(trace_file)) >= 1)
+    (span,) = spans(trace_file)
+    assert span["context"]["trace_id"] == f"0x{TRACE_ID}"
+    assert span["parent_id"] == f"0x{PARENT_ID}"
+    attributes = span["attributes"]
+    assert attributes["llmbridge.request_id"] == reply.headers["X-Request-Id"]
+    assert attributes["llmbridge.key_id"].startswith("key-")
+    assert OPENAI_KEY not in json.dumps(span)

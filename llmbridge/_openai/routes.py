@@ -438,11 +438,14 @@ class Routes:
         raw: bytes,
         client_id: str | None = None,
         principal: Principal | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> Call:
         """Validate a generation request and submit it. Never blocks. ``client_id`` is the
         client's ``X-Request-Id``: a valid one names the engine request. ``principal``
         is the caller: over a :class:`~llmbridge.policies.Pipeline` its id is the call's
-        rate-limit key and cache namespace. Raises :class:`InvalidRequest` (400/405) or
+        rate-limit key and cache namespace. ``traceparent`` (W3C) parents the request's
+        span when tracing is on. Raises :class:`InvalidRequest` (400/405) or
         the submitter's admission error."""
         self.allow(method, "POST")
         parsed = _PARSERS[kind](decode_json(raw), self.settings, passthrough=self.passthrough)
@@ -451,7 +454,10 @@ class Routes:
         if principal is not None and isinstance(self.submitter, Pipeline):
             named["policy"] = CallOptions(key=principal.id, namespace=principal.id)
         record = RequestRecord(
-            method, _RULES.get(kind, kind), key_id=None if principal is None else principal.id
+            method,
+            _RULES.get(kind, kind),
+            key_id=None if principal is None else principal.id,
+            traceparent=traceparent,
         )
         stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
         record.stream = stream
