@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from ._core.engine import Engine, EngineStats, Submitter
 from ._core.locked import Locked, locked
+from ._core.observe import Observer
+from ._core.request import RequestOutcome
 from ._core.stream import Completion, Request, Stream
 from ._exceptions import (
     BackendError,
@@ -25,6 +27,7 @@ from ._exceptions import (
     Timeout,
     UpstreamError,
 )
+from ._sansio.reqlog import JsonLogFormatter
 
 __version__ = "0.1.0"
 
@@ -38,11 +41,14 @@ __all__ = [
     "Engine",
     "EngineClosed",
     "EngineStats",
+    "JsonLogFormatter",
     "LLMBridgeError",
     "Locked",
+    "Observer",
     "Overloaded",
     "RateLimited",
     "Request",
+    "RequestOutcome",
     "SlowConsumer",
     "Stream",
     "Submitter",

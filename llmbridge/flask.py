@@ -92,6 +92,11 @@ class FlaskBridge(Bridge):
                                                            live (30 s)
     ``warmup``                ``LLMBRIDGE_WARMUP``         a prompt to finish once before
                                                            ready (``None``)
+    ``metrics_path``          ``LLMBRIDGE_METRICS_PATH``   serve the ``llmbridge:`` metrics
+                                                           here, e.g. ``"/metrics"`` (None:
+                                                           off; needs ``[metrics]``)
+    ``tracing``               ``LLMBRIDGE_TRACING``        a span per request (False;
+                                                           needs ``[otel]``)
     ========================  ===========================  ==================================
 
     Follows Flask's extension pattern: ``FlaskBridge(app, ...)`` or ``init_app(app)``
@@ -115,6 +120,13 @@ class FlaskBridge(Bridge):
 
     def _handler(self) -> Callable[[LLMBridgeError], Response]:
         return self._problem_response
+
+    def _metrics_view(self, render: Callable[[], tuple[bytes, str]]) -> Callable[[], Response]:
+        def metrics() -> Response:
+            body, content_type = render()
+            return Response(body, content_type=content_type)
+
+        return metrics
 
     def _install(self, app: Any, state: AppState) -> None:
         app.after_request(self._tag)

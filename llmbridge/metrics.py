@@ -1,5 +1,11 @@
 """Prometheus metrics for engines and pipelines (``pip install "llmbridge[metrics]"``).
 
+Two ways in. The bridges instrument their engines and serve ``/metrics`` by themselves
+(the ``metrics_path`` option): latency histograms, token counters and gauges named as
+vLLM names them, under an ``llmbridge:`` prefix, correct under ``gunicorn -w N`` through
+prometheus-client's multiprocess mode (see ``docs/howto/metrics.md``). Without a bridge,
+:func:`instrument` an engine and serve :func:`render_metrics` yourself.
+
 :class:`LLMBridgeCollector` is a ``prometheus_client`` collector that reads the counters
 an :class:`~llmbridge.Engine` (and a :class:`~llmbridge.policies.Pipeline`) already keep,
 at scrape time: nothing is added to the request path.
@@ -27,8 +33,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._core.engine import Engine
+from ._web.metrics import BUCKETS, EngineMetrics, instrument, render_metrics
 
-__all__ = ["LLMBridgeCollector"]
+__all__ = ["BUCKETS", "EngineMetrics", "LLMBridgeCollector", "instrument", "render_metrics"]
 
 _ENGINE_COUNTERS = {
     "submitted": "Requests the engine thread took from its queue.",

@@ -106,9 +106,11 @@ class QuartBridge(Bridge):
     keep it under the server's graceful timeout), ``retry_after`` (5 s, sent with 503
     while draining), ``handle_signals`` (True: start draining on SIGTERM/SIGINT, before
     the server waits for connections); and, as for :class:`~llmbridge.flask.FlaskBridge`,
-    ``priority_levels`` (read ``X-Priority``) and the probes ``health``,
+    ``priority_levels`` (read ``X-Priority``), the probes ``health``,
     ``health_prefix``, ``liveness_path``, ``readiness_path``, ``stuck_after`` and
-    ``warmup`` (they still answer while draining: ready says no, live yes).
+    ``warmup`` (they still answer while draining: ready says no, live yes),
+    ``metrics_path`` (``None``; ``"/metrics"``: serve the ``llmbridge:`` metrics there)
+    and ``tracing`` (False: a span per request, with the ``otel`` extra).
 
     Install it on one app or several (``init_app``, each with its own engine);
     ``app.extensions["llmbridge"]`` is the bridge. Every coroutine runs on the app's loop
@@ -134,6 +136,18 @@ class QuartBridge(Bridge):
             return self._problem_response(error)  # type: ignore[no-any-return]
 
         return handle
+
+    def _metrics_view(
+        self, render: Callable[[], tuple[bytes, str]]
+    ) -> Callable[[], Awaitable[Response]]:
+        async def metrics() -> Response:
+            import anyio.to_thread
+
+            # Multiprocess mode reads a file per worker: not on the loop.
+            body, content_type = await anyio.to_thread.run_sync(render)
+            return Response(body, content_type=content_type)
+
+        return metrics
 
     def _install(self, app: Any, state: AppState) -> None:
         settings = state.settings

@@ -187,3 +187,71 @@ else:
     result = run_without_optional(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert hint in result.stdout
+
+
+_WITHOUT_METRICS = """
+import importlib.abc, sys
+
+BLOCKED = {"prometheus_client", "opentelemetry"}
+
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_import_llmbridge_loads_no_prometheus_client_or_opentelemetry() -> None:
+    """``import llmbridge`` (and a bridge with metrics and tracing off) imports neither
+    prometheus_client nor opentelemetry."""
+    code = """
+import sys
+import llmbridge
+from flask import Flask
+from llmbridge.flask import FlaskBridge
+
+FlaskBridge(Flask("x"), engine=llmbridge.Engine(lambda p: p), metrics_path=None)
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"prometheus_client", "opentelemetry"})
+assert not loaded, loaded
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_metrics_route_without_prometheus_client() -> None:
+    """Without prometheus-client a bridge (metrics off by default) installs as before,
+    and asking for the metrics route raises ImportError naming the extra."""
+    code = """
+import sys
+import llmbridge
+from flask import Flask
+from llmbridge.flask import FlaskBridge
+
+app = Flask("x")
+FlaskBridge(app, engine=llmbridge.Engine(lambda p: p))
+assert "llmbridge_metrics" not in app.view_functions
+assert "prometheus_client" not in sys.modules
+try:
+    FlaskBridge(Flask("y"), metrics_path="/metrics")
+except ImportError as exc:
+    print(exc)
+else:
+    raise SystemExit("no ImportError")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_METRICS + code],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'pip install "llmbridge[metrics]"' in result.stdout

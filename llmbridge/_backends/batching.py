@@ -248,6 +248,7 @@ class _Batcher:
             for job in batch:
                 job.start()
             backend.batch_sizes.append(len(batch))
+            self.jobs.observe_batch(len(batch))
             task = loop.create_task(self._run(batch))
             self.running.add(task)
             self.running_jobs[task] = batch

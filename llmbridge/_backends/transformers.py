@@ -163,6 +163,14 @@ class TransformersGenerator:
 
     # -- building jobs (engine thread) ----------------------------------------------
 
+    def metrics(self) -> dict[str, float]:
+        """Gauges for :mod:`llmbridge.metrics`: ``gpu_memory_used_bytes`` (what torch has
+        allocated on the model's CUDA device) when the model is on CUDA, else nothing.
+        Cheap (no device sync); called on the engine thread."""
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_memory_used_bytes": float(torch.cuda.memory_allocated(self.device))}
+
     def make_job(self, request: Request) -> TransformersJob:
         """Tokenise a request into a job. Raises :class:`~llmbridge.BadRequest` for an
         empty prompt, bad parameters, or one longer than the model's context."""

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 from .._exceptions import Cancelled, Timeout
-from .request import Completion, Request
+from .request import Completion, Request, RequestOutcome
 from .wakeups import Wakeups, resolve
 
-__all__ = ["Channel", "Completion", "Request", "Wakeups"]
+__all__ = ["Channel", "Completion", "Request", "RequestOutcome", "Wakeups"]
 
 
 _RUNNING, _FINISHED, _FAILED = 0, 1, 2
@@ -46,6 +46,7 @@ class Channel:
         "_on_cancel",
         "_on_end",
         "_on_space",
+        "_outcome",
         "_parts",
         "_prompt_tokens",
         "_space_waiter",
@@ -57,6 +58,7 @@ class Channel:
         "_unread",
         "_waiter",
         "max_unread",
+        "notes",
         "request",
     )
 
@@ -89,6 +91,40 @@ class Channel:
         self._t_first: float | None = None
         self._t_end: float | None = None
         self._on_cancel = on_cancel
+        self._outcome: RequestOutcome | None = None
+        #: What the policies did with the request (``"cache_hit"``, ``"coalesced"``),
+        #: for metrics and the log line; ``None`` until the first :meth:`note`.
+        self.notes: list[str] | None = None
+
+    def note(self, what: str) -> None:
+        """Record that a policy did ``what`` with this request. Never blocks."""
+        if self.notes is None:
+            self.notes = [what]
+        else:
+            self.notes.append(what)
+
+    def outcome(self) -> RequestOutcome:
+        """How the request went so far (:class:`RequestOutcome`), ended or not, failed or not.
+        Never blocks for long (the channel's lock); any thread."""
+        if self._outcome is not None:
+            return self._outcome  # an ended channel's never changes: built once
+        with self._lock:
+            submitted = self.request.submitted_at
+            end = self._t_end if self._t_end is not None else time.monotonic()
+            outcome = RequestOutcome(
+                id=self.request.id,
+                finish_reason=self._finish_reason if self._state != _RUNNING else "",
+                error=self._error,
+                prompt_tokens=self._prompt_tokens,
+                completion_tokens=self._completion_tokens,
+                queued=None if self._t_start is None else max(0.0, self._t_start - submitted),
+                time_to_first_token=None if self._t_first is None else self._t_first - submitted,
+                total=end - submitted,
+                notes=tuple(self.notes) if self.notes else (),
+            )
+            if self._state != _RUNNING:
+                self._outcome = outcome
+            return outcome
 
     # -- producer side -------------------------------------------------------------
 

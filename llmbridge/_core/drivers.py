@@ -172,6 +172,7 @@ class StepBackend:
                     return
                 jobs.wait()
                 continue
+            batch_size = len(active) - len(paused)
             try:
                 results = generator.iterate()
             except Exception as exc:
@@ -181,11 +182,11 @@ class StepBackend:
                     job.fail(error)
                     self._drop(job)
                 by_handle.clear()
-                jobs.step()
+                jobs.step(batch_size)
                 continue
             for result in results:
                 self._route(result, jobs, by_handle)
-            jobs.step()
+            jobs.step(batch_size)
 
     def _resume_ready(self, jobs: JobQueue) -> None:
         for job in list(self._paused.values()):

@@ -23,6 +23,7 @@ from .._sansio.chat import chat_messages, render_messages
 from .admission import DrainRate, estimate_tokens, request_priority, token_cost
 from .closing import Closing
 from .jobs import Backend, EngineStats, Job, JobQueue, JobSink
+from .observe import Observer
 from .stream import Channel, Request, Stream
 
 __all__ = [
@@ -149,6 +150,7 @@ class Engine(Closing):
         self.max_output = max_output
         self.close_timeout = close_timeout
         self.name = name or f"llmbridge-engine-{next(_ids)}"
+        self._observer: Observer | None = None
         self._reset()
         _engines.add(self)
 
@@ -175,6 +177,17 @@ class Engine(Closing):
     def stats(self) -> EngineStats:
         """Counters: submitted, completed, failed, cancelled, steps."""
         return self._stats
+
+    @property
+    def observer(self) -> Observer | None:
+        """Who is told of admissions, steps and request ends (:mod:`llmbridge.metrics`
+        sets one); ``None``: nobody, at no cost. Set it before serving requests."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer | None) -> None:
+        self._observer = observer
+        self._jobs.observer = observer
 
     @property
     def queued(self) -> int:
@@ -253,12 +266,18 @@ class Engine(Closing):
                 self._after_fork()
             if self._state in (_CLOSING, _CLOSED):
                 raise EngineClosed(f"{self.name} is closed")
-            self._admit_locked(cost)
+            try:
+                self._admit_locked(cost)
+            except Overloaded:
+                self._observe_rejected()
+                raise
             request = Request(self._reserve_id_locked(request_id), prompt, params)
             channel = Channel(request, max_unread=self.max_unread)
             job = self._put_locked(request, channel, None, cost, priority)
             jobs = self._jobs
             channel.set_on_cancel(functools.partial(jobs.cancel, job))
+        if self._observer is not None:
+            self._observe(channel, None)
         jobs.notify()  # outside the lock: waking a loop is a syscall
         return Stream(channel)
 
@@ -303,7 +322,11 @@ class Engine(Closing):
                 self._after_fork()
             request = Request(self._reserve_id_locked(request_id), prompt, params)
         channel = Channel(request, max_unread=self.max_unread)
-        channel.set_on_end(functools.partial(self._release_id, request.id, self._ids_in_use))
+        release = functools.partial(self._release_id, request.id, self._ids_in_use)
+        if self._observer is None:
+            channel.set_on_end(release)
+        else:
+            self._observe(channel, release)
         return channel
 
     def submit_job(self, channel: Channel, *, sink: JobSink | None = None) -> Job:
@@ -366,13 +389,43 @@ class Engine(Closing):
 
     # -- internals --------------------------------------------------------------------
 
+    def _observe(self, channel: Channel, release: Callable[[], None] | None) -> None:
+        """Tell the observer of an admitted request now and of its end later."""
+        observer = self._observer
+        assert observer is not None
+
+        def ended() -> None:
+            if release is not None:
+                release()
+            try:
+                observer.request_ended(channel)
+            except Exception:
+                logger.exception("%s: observer %r failed", self.name, observer)
+
+        try:
+            observer.request_admitted()
+        except Exception:
+            logger.exception("%s: observer %r failed", self.name, observer)
+        channel.set_on_end(ended)
+
+    def _observe_rejected(self) -> None:
+        # Under the engine's lock: an observer only counts, it never calls back.
+        observer = self._observer
+        if observer is not None:
+            try:
+                observer.request_rejected(Overloaded("max_queued requests already queued"))
+            except Exception:
+                logger.exception("%s: observer %r failed", self.name, observer)
+
     def _new_queue(self) -> JobQueue:
-        return JobQueue(
+        queue = JobQueue(
             self._stats,
             on_left_queue=self._left_queue,
             on_ended=self._job_ended,
             max_output=self.max_output,
         )
+        queue.observer = self._observer
+        return queue
 
     def _admit_locked(self, cost: int) -> None:
         if self._queued >= self.max_queued:
@@ -436,6 +489,12 @@ class Engine(Closing):
 
     def _job_ended(self, job: Job) -> None:
         self._release_id(job.request.id, self._ids_in_use)
+        observer = self._observer
+        if observer is not None:
+            try:
+                observer.job_ended()
+            except Exception:
+                logger.exception("%s: observer %r failed", self.name, observer)
 
     def _left_queue(self, job: Job) -> None:
         with self._lock:

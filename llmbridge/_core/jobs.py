@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import BackendError, Cancelled, LLMBridgeError, SlowConsumer
 from .channel import Channel, Request, Wakeups
+from .observe import Observer
 
 __all__ = ["Backend", "EngineStats", "Job", "JobQueue", "JobSink", "wrap_error"]
 
@@ -285,6 +286,8 @@ class JobQueue:
         self._pending_since: float | None = None
         #: The engine thread's ident, set by the engine before ``serve`` runs.
         self.thread_id: int | None = None
+        #: The engine's observer (told of each step's batch size), or ``None``.
+        self.observer: Observer | None = None
 
     # -- producers (any thread) -------------------------------------------------------
 
@@ -444,10 +447,23 @@ class JobQueue:
                 return
         self._event.wait(timeout)
 
-    def step(self) -> None:
-        """Count one backend step and wake the consumers it fed (once per loop)."""
+    def step(self, batch_size: int = 0) -> None:
+        """Count one backend step of ``batch_size`` jobs and wake the consumers it fed
+        (once per loop)."""
         self.stats.steps += 1
+        if batch_size and self.observer is not None:
+            self.observe_batch(batch_size)
         self._wakeups.flush()
+
+    def observe_batch(self, batch_size: int) -> None:
+        """Tell the engine's observer that one step or batch served ``batch_size`` jobs
+        (a driver without :meth:`step` calls it per dispatched batch). Never raises."""
+        observer = self.observer
+        if observer is not None:
+            try:
+                observer.step(batch_size)
+            except Exception:
+                logger.exception("observer %r failed", observer)
 
     def flush(self) -> None:
         """Wake the consumers fed since the last flush (once per loop)."""

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Completion", "Request"]
+__all__ = ["Completion", "Request", "RequestOutcome"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +46,39 @@ class Completion:
     def total_tokens(self) -> int:
         """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How a request went, readable while it runs or after it ended, failed or not.
+
+    What metrics and the per-request log line read. ``finish_reason`` is ``""`` while
+    the request runs, else ``"stop"``, ``"length"``, ..., ``"cancelled"`` or
+    ``"error"`` (then ``error`` says which); timings are seconds from submission, as in
+    :class:`Completion`, with ``total`` so far for a running request. ``notes`` are the
+    policies' words for what they did (``"cache_hit"``, ``"coalesced"``).
+    """
+
+    id: str
+    finish_reason: str
+    error: BaseException | None
+    prompt_tokens: int
+    completion_tokens: int
+    queued: float | None
+    time_to_first_token: float | None
+    total: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ended(self) -> bool:
+        """True once the request finished, failed or was cancelled."""
+        return self.finish_reason != ""
+
+    @property
+    def inter_token_latency(self) -> float | None:
+        """The mean gap between two generated tokens, from the first text to the end;
+        ``None`` with fewer than two tokens or no text."""
+        first = self.time_to_first_token
+        if first is None or self.completion_tokens < 2 or not self.ended:
+            return None
+        return max(0.0, self.total - first) / (self.completion_tokens - 1)

@@ -91,6 +91,7 @@ def _generate(routes: Routes, kind: str) -> flask.Response:
             _read_body(routes),
             request.headers.get(REQUEST_ID_HEADER),
             principal,
+            traceparent=request.headers.get("traceparent"),
         )
     except LLMBridgeError as error:
         return _response(routes.failure(error))

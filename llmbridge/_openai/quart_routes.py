@@ -136,6 +136,7 @@ async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
             await _read_body(routes),
             request.headers.get(REQUEST_ID_HEADER),
             principal,
+            traceparent=request.headers.get("traceparent"),
         )
     except LLMBridgeError as error:
         return _response(routes.failure(error))

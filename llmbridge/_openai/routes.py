@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from .._sansio.framing import Outcome, Reply
 from .._web.auth import ApiKeys, Authenticate, Principal, as_principal, is_loopback
 from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
+from .._web.reqlog import RequestRecord
 from .responses import (
     ROUTE_METHODS,
     SSE_HEADERS,
@@ -99,6 +101,9 @@ ROUTES = (
 )
 
 METHODS = ROUTE_METHODS
+
+#: The rule of each generation kind, as the log line's route.
+_RULES = {route.kind: route.rule for route in ROUTES if route.kind in ("chat", "completion")}
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -195,6 +200,8 @@ class Call:
     parsed: ParsedRequest
     stream: Stream
     principal: Principal | None = None
+    #: The request's log line, written when the answer is complete.
+    record: RequestRecord | None = None
 
     @property
     def streaming(self) -> bool:
@@ -214,8 +221,12 @@ class Call:
         """The whole answer of a non-streamed request."""
         headers = {REQUEST_ID_HEADER: self.stream.id}
         if self.parsed.relay:
-            return relay_reply(completion.text, headers)
-        return Reply.json(response_body(self.parsed, completion), headers=headers)
+            reply = relay_reply(completion.text, headers)
+        else:
+            reply = Reply.json(response_body(self.parsed, completion), headers=headers)
+        if self.record is not None:
+            self.record.finish(reply.status, self.stream.id)
+        return reply
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
@@ -226,11 +237,16 @@ class Call:
         )
         if self.principal is not None and self.principal.limits is not None:
             framer = _Metered(framer, lambda tokens: self.routes.charge(self.principal, tokens))
+        record = self.record
+        if record is not None:
+            record.status = 200
+            record.deferred = True
         return StreamBody(
             self.stream,
             framer=framer,
             heartbeat=self.routes.heartbeat,
             start_timeout=self.routes.start_timeout,
+            on_close=None if record is None else lambda: record.finish(None, request_id),
         )
 
 
@@ -323,6 +339,11 @@ class Routes:
         if passthrough is None:
             passthrough = getattr(_backend_of(submitter), "passthrough", False) is True
         self.passthrough = passthrough
+        # Submitted requests' log records by id, until their answer (weak: a Call that
+        # is dropped without one takes its record with it).
+        self._records: weakref.WeakValueDictionary[str, RequestRecord] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -417,11 +438,14 @@ class Routes:
         raw: bytes,
         client_id: str | None = None,
         principal: Principal | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> Call:
         """Validate a generation request and submit it. Never blocks. ``client_id`` is the
         client's ``X-Request-Id``: a valid one names the engine request. ``principal``
         is the caller: over a :class:`~llmbridge.policies.Pipeline` its id is the call's
-        rate-limit key and cache namespace. Raises :class:`InvalidRequest` (400/405) or
+        rate-limit key and cache namespace. ``traceparent`` (W3C) parents the request's
+        span when tracing is on. Raises :class:`InvalidRequest` (400/405) or
         the submitter's admission error."""
         self.allow(method, "POST")
         parsed = _PARSERS[kind](decode_json(raw), self.settings, passthrough=self.passthrough)
@@ -429,8 +453,16 @@ class Routes:
         named: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         if principal is not None and isinstance(self.submitter, Pipeline):
             named["policy"] = CallOptions(key=principal.id, namespace=principal.id)
+        record = RequestRecord(
+            method,
+            _RULES.get(kind, kind),
+            key_id=None if principal is None else principal.id,
+            traceparent=traceparent,
+        )
         stream = self.submitter.submit(parsed.prompt, **named, **parsed.params)
-        return Call(self, parsed, stream, principal)
+        record.stream = stream
+        self._records[stream.id] = record
+        return Call(self, parsed, stream, principal, record)
 
     def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
         """The reply of a route that needs no generation (models, unknown URLs)."""
@@ -460,9 +492,9 @@ class Routes:
         if method != allowed:
             raise MethodNotAllowed(method, allowed)
 
-    @staticmethod
-    def failure(error: BaseException, request_id: str | None = None) -> Reply:
-        """The JSON reply for ``error`` (logged when the client can't read why)."""
+    def failure(self, error: BaseException, request_id: str | None = None) -> Reply:
+        """The JSON reply for ``error`` (logged when the client can't read why), and the
+        request's log line."""
         report(error, request_id)
         headers = {} if request_id is None else {REQUEST_ID_HEADER: request_id}
         allowed = getattr(error, "allowed", None)
@@ -471,7 +503,13 @@ class Routes:
         challenge = getattr(error, "challenge", None)
         if challenge:
             headers["WWW-Authenticate"] = challenge
-        return error_reply(error, request_id, headers)
+        reply = error_reply(error, request_id, headers)
+        record = None if request_id is None else self._records.get(request_id)
+        if record is None:
+            record = RequestRecord(None, None)
+        record.error = error
+        record.finish(reply.status, request_id)
+        return reply
 
     @staticmethod
     def stream_headers(call: Call) -> dict[str, str]:

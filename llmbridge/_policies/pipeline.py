@@ -310,6 +310,7 @@ class Pipeline(Closing):
                     await self.rate_limit.acquire(call.limit_key)
                 except LLMBridgeError:
                     self.stats.rate_limited += 1
+                    channel.note("rate_limited")
                     raise
             key = call.shared_key
             if key is not None and self.cache is not None and not options.no_cache:
@@ -317,6 +318,7 @@ class Pipeline(Closing):
                 entry = decode_entry(value)
                 if entry is not None:
                     self.stats.cache_hits += 1
+                    channel.note("cache_hit")
                     replay(entry, channel)
                     return
                 self.stats.cache_misses += 1
@@ -333,6 +335,7 @@ class Pipeline(Closing):
                 flight = self._flights.get(key)
                 if flight is not None:
                     self.stats.coalesced += 1
+                    channel.note("coalesced")
                     call.flight = flight
                     flight.join(channel)
                     return

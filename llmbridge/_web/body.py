@@ -85,8 +85,12 @@ class StreamBody:
 
     def error_response(self, error: BaseException) -> Reply:
         """The whole response for ``error`` when it happens before the first byte (a
-        server that awaited the first output answers with it). Never raises."""
-        return self.framer.error_response(error)
+        server that awaited the first output answers with it), with the request's id in
+        ``X-Request-Id`` as on every other answer. Never raises."""
+        reply = self.framer.error_response(error)
+        if not any(name.lower() == "x-request-id" for name, _ in reply.headers):
+            reply.headers.append(("X-Request-Id", self.stream.id))
+        return reply
 
     def _frame(self, text: str | None) -> bytes:
         """The bytes for one read: a chunk, or a heartbeat after silence."""

@@ -33,8 +33,10 @@ from .._runtime.offload import DEFAULT, Offloader, TimeoutArg
 from .._sansio.chat import chat_messages, render_messages
 from .._sansio.options import check_bridge_options
 from .._sansio.problem import problem, problem_headers, problem_status
+from . import reqlog
 from .body import BodyFormat, StreamBody
 from .health import HEALTH_SETTINGS, Health, check_health_settings, health_paths, health_response
+from .reqlog import RECORD_KEY, RequestRecord, current_record
 
 __all__ = [
     "PRIORITY_HEADER",
@@ -71,6 +73,8 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_threads": ("LLMBRIDGE_MAX_THREADS", 40),
     "max_processes": ("LLMBRIDGE_MAX_PROCESSES", None),
     "offload_timeout": ("LLMBRIDGE_OFFLOAD_TIMEOUT", None),
+    "metrics_path": ("LLMBRIDGE_METRICS_PATH", None),
+    "tracing": ("LLMBRIDGE_TRACING", False),
     "priority_levels": ("LLMBRIDGE_PRIORITY_LEVELS", None),
     **HEALTH_SETTINGS,
 }
@@ -144,6 +148,9 @@ def problem_parts(
     try:
         request_id = request_id or _current_request_id(web)
         log_answer(error, request_id)
+        record = current_record(web)
+        if record is not None:
+            record.error = error
         body = problem(error, request_id)
         headers = problem_headers(error)
         headers[REQUEST_ID_HEADER] = request_id
@@ -231,6 +238,34 @@ class Bridge:
         if LLMBridgeError not in app.error_handler_spec[None][None]:
             app.register_error_handler(LLMBridgeError, self._handler())
         self._install(app, state)
+        self._install_metrics(app, state)
+        if settings["tracing"]:
+            from .tracing import enable_tracing
+
+            if reqlog.tracer is None:
+                enable_tracing()
+
+    def _install_metrics(self, app: Any, state: AppState) -> None:
+        """Feed the app's engines into the ``llmbridge:`` metrics and serve them at the
+        ``metrics_path`` option (``None``, the default: neither). Raises ImportError
+        naming the extra without prometheus-client."""
+        path = state.settings["metrics_path"]
+        if path is None:
+            return
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"metrics_path must be a path starting with / or None, got {path!r}")
+        from . import metrics
+
+        metrics.instrument(state.engine)
+        if "llmbridge_metrics" in app.view_functions:
+            return  # a second init_app on the same app
+        app.add_url_rule(
+            path, "llmbridge_metrics", self._metrics_view(metrics.render_metrics), methods=["GET"]
+        )
+
+    def _metrics_view(self, render: Callable[[], tuple[bytes, str]]) -> Callable[[], Any]:
+        """The twin's ``/metrics`` view over ``render``."""
+        raise NotImplementedError
 
     def _install_health(self, app: Any, state: AppState) -> None:
         """Add the liveness and readiness routes (see :mod:`llmbridge._web.health`)."""
@@ -372,6 +407,9 @@ class Bridge:
         else:
             stream = engine.submit(prompt, request_id=request_id, **params)
         _remember(self._web, stream.id)
+        record = current_record(self._web)
+        if record is not None and record.stream is None:
+            record.stream = stream
         return stream
 
     def chat(
@@ -394,6 +432,9 @@ class Bridge:
             if params:
                 raise TypeError("parameters go to submit(), not with an already submitted stream")
             _remember(self._web, prompt.id)
+            record = current_record(self._web)
+            if record is not None and record.stream is None:
+                record.stream = prompt
             return prompt
         return self.submit(prompt, **params)
 
@@ -421,6 +462,9 @@ class Bridge:
 
     def _body(self, stream: Stream, format: BodyFormat) -> StreamBody:
         settings = self._state().settings
+        record = current_record(self._web)
+        if record is not None:
+            record.deferred = True  # the line is written when the body closes
 
         def closed() -> None:
             # A failure after the 200 was sent: the client got a generic error event.
@@ -432,6 +476,8 @@ class Bridge:
                 log_answer(error, stream.id)
             except RuntimeError:
                 pass  # not ended: the body was closed early, which cancelled it
+            if record is not None:
+                record.finish(request_id=stream.id)
 
         return StreamBody(
             stream,
@@ -455,9 +501,15 @@ class Bridge:
 
     def _tag(self, response: Any) -> Any:
         """``after_request``: the request's id on responses of views that used the bridge."""
-        request_id = getattr(self._web.g, _G_KEY, None)
+        g = self._web.g
+        request_id = getattr(g, _G_KEY, None)
         if request_id is not None and REQUEST_ID_HEADER not in response.headers:
             response.headers[REQUEST_ID_HEADER] = request_id
+        record: RequestRecord | None = getattr(g, RECORD_KEY, None)
+        if record is not None:
+            record.status = response.status_code
+            if not record.deferred:
+                record.finish(request_id=request_id)
         return response
 
     # -- offload, awaited -------------------------------------------------------------
