@@ -15,21 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .._exceptions import (
-    BackendError,
-    BadRequest,
-    Cancelled,
-    CircuitOpen,
-    ConcurrentEntryError,
-    EngineClosed,
-    LLMBridgeError,
-    Overloaded,
-    RateLimited,
-    SlowConsumer,
-    Timeout,
-    UpstreamError,
-    _seconds,
-)
+from .._exceptions import BackendError, LLMBridgeError, UpstreamError, _seconds
 
 __all__ = [
     "HEALTH_PATH",
@@ -47,14 +33,18 @@ SUBMIT_PATH = "/llmbridge/v1/submit"
 STATS_PATH = "/llmbridge/v1/stats"
 HEALTH_PATH = "/llmbridge/v1/health"
 
-_CLASSES: dict[str, type[LLMBridgeError]] = {
-    cls.__name__: cls
-    for cls in (
-        *(BackendError, BadRequest, Cancelled, CircuitOpen, ConcurrentEntryError),
-        *(EngineClosed, LLMBridgeError, Overloaded, RateLimited, SlowConsumer, Timeout),
-        UpstreamError,
-    )
-}
+
+def _tree(root: type[LLMBridgeError]) -> dict[str, type[LLMBridgeError]]:
+    """The error tree of ``llmbridge._exceptions`` by class name, read from the classes
+    themselves, so a new leaf crosses the socket without being listed here."""
+    found = {root.__name__: root}
+    for sub in root.__subclasses__():
+        if sub.__module__ == root.__module__:
+            found.update(_tree(sub))
+    return found
+
+
+_CLASSES = _tree(LLMBridgeError)
 
 
 def error_from_problem(raw: str | bytes, status: int | None = None) -> LLMBridgeError:
