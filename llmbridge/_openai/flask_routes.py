@@ -48,16 +48,9 @@ def _stream(routes: Routes, call: Call) -> flask.Response:
     )
 
 
-_KINDS = {route.endpoint: route.kind for route in ROUTES}
-
-
 def _authenticate(routes: Routes) -> flask.Response | None:
     """The blueprint's ``before_request``: a 401 unless the caller is known."""
-    kind = _KINDS.get((request.endpoint or "").rpartition(".")[2], "not_found")
-    if routes.auth is None:
-        routes.serving_at(request.environ.get("SERVER_NAME"))
-        return None
-    if not routes.guards(kind):
+    if not routes.needs_caller(request.endpoint, request.environ.get("SERVER_NAME")):
         return None
     try:
         answer = routes.authenticator()(request)
@@ -67,9 +60,7 @@ def _authenticate(routes: Routes) -> flask.Response | None:
                 close()
             raise TypeError("a Flask blueprint's authenticate hook must not be async")
         principal = routes.principal(answer)
-    except LLMBridgeError as error:
-        return _response(routes.failure(error))
-    except Exception as error:  # a broken hook: logged, a 500 that says nothing
+    except Exception as error:  # a refusal (401), or a broken hook: a 500 that says nothing
         return _response(routes.failure(error))
     flask.g.llmbridge_principal = principal
     request.environ[PRINCIPAL_ENVIRON_KEY] = principal.id

@@ -98,26 +98,17 @@ async def _unmanaged(body: StreamBody) -> AsyncIterator[bytes]:
         body.close()  # Quart closes the body when the client leaves: stop the generation
 
 
-_KINDS = {route.endpoint: route.kind for route in ROUTES}
-
-
 async def _authenticate(routes: Routes) -> Response | None:
     """The blueprint's ``before_request``: a 401 unless the caller is known."""
-    kind = _KINDS.get((request.endpoint or "").rpartition(".")[2], "not_found")
-    if routes.auth is None:
-        server = request.scope.get("server")
-        routes.serving_at(str(server[0]) if server else None)
-        return None
-    if not routes.guards(kind):
+    server = request.scope.get("server")
+    if not routes.needs_caller(request.endpoint, str(server[0]) if server else None):
         return None
     try:
         answer = routes.authenticator()(request)
         if inspect.isawaitable(answer):
             answer = await answer
         principal = routes.principal(answer)
-    except LLMBridgeError as error:
-        return _response(routes.failure(error))
-    except Exception as error:  # a broken hook: logged, a 500 that says nothing
+    except Exception as error:  # a refusal (401), or a broken hook: a 500 that says nothing
         return _response(routes.failure(error))
     g.llmbridge_principal = principal
     request.scope[PRINCIPAL_ENVIRON_KEY] = principal.id  # type: ignore[literal-required]

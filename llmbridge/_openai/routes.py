@@ -283,6 +283,10 @@ class _Metered:
         return self._framer.end(outcome)
 
 
+#: A route's endpoint name (as the blueprints register it) -> its kind.
+_KIND_OF_ENDPOINT = {route.endpoint: route.kind for route in ROUTES}
+
+
 class Routes:
     """The OpenAI surface over one submitter, independent of any framework.
 
@@ -359,6 +363,16 @@ class Routes:
     def guards(self, kind: str) -> bool:
         """Whether a route of ``kind`` needs a principal."""
         return self.auth is not None and not (self.open_models and kind in _MODEL_KINDS)
+
+    def needs_caller(self, endpoint: str | None, host: str | None) -> bool:
+        """The first step of a blueprint's ``before_request``: whether the request to
+        ``endpoint`` (the framework's ``request.endpoint``) must name its caller. Without
+        keys it notes ``host`` (see :meth:`serving_at`) and answers False."""
+        if self.auth is None:
+            self.serving_at(host)
+            return False
+        kind = _KIND_OF_ENDPOINT.get((endpoint or "").rpartition(".")[2], "not_found")
+        return self.guards(kind)
 
     def authenticator(self) -> Authenticate:
         """The check to run on the framework's request (only when :meth:`guards`)."""
