@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import BackendError, Cancelled, LLMBridgeError, SlowConsumer
+from .._sansio.counters import Counters
 from .channel import Channel, Request, Wakeups
 from .observe import Observer
 
@@ -50,7 +51,7 @@ def wrap_error(exc: BaseException, what: str, request_id: str | None = None) -> 
     return error
 
 
-class EngineStats:
+class EngineStats(Counters):
     """Counters kept by the engine; read them from anywhere (values may lag).
 
     Every request the engine took ends in exactly one of ``completed``, ``failed`` or
@@ -60,18 +61,12 @@ class EngineStats:
     """
 
     __slots__ = ("cancelled", "completed", "failed", "rejected", "steps", "submitted")
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.rejected = 0
-        self.steps = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
+    cancelled: int
+    completed: int
+    failed: int
+    rejected: int
+    steps: int
+    submitted: int
 
 
 class JobSink(Protocol):

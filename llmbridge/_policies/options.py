@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .._exceptions import BadRequest
+from .._sansio.counters import Counters
 from .cache import Cache, MemoryCache, RedisCache
 from .timeouts import Timeouts
 
@@ -100,7 +101,7 @@ class CallOptions:
 _DEFAULT_OPTIONS = CallOptions()
 
 
-class PipelineStats:
+class PipelineStats(Counters):
     """Counters kept on the background loop; read them from anywhere (values may lag)."""
 
     __slots__ = (
@@ -114,21 +115,15 @@ class PipelineStats:
         "retries",
         "timeouts",
     )
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.backend_calls = 0
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.coalesced = 0
-        self.rate_limited = 0
-        self.circuit_open = 0
-        self.retries = 0
-        self.timeouts = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}
+    backend_calls: int
+    cache_hits: int
+    cache_misses: int
+    circuit_open: int
+    coalesced: int
+    rate_limited: int
+    requests: int
+    retries: int
+    timeouts: int
 
 
 def hint(name: str, names: list[str]) -> str:
