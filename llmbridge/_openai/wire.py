@@ -253,12 +253,16 @@ def _check_body(body: Any) -> dict[str, Any]:
     return body
 
 
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+    )
+
+
 def _model(body: dict[str, Any], settings: Settings) -> str:
     model = body.get("model")
     if model is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
-        )
+        raise _missing("model")
     if not isinstance(model, str):
         raise _invalid_type("model", "a string", model)
     if model not in settings.models:
@@ -403,11 +407,7 @@ def parse_chat(body: Any, settings: Settings, *, passthrough: bool = False) -> P
     model = _model(body, settings)
     messages = body.get("messages")
     if messages is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'messages'.",
-            param="messages",
-            code="missing_required_parameter",
-        )
+        raise _missing("messages")
     if not isinstance(messages, list):
         raise _invalid_type("messages", "an array", messages)
     if not messages:
@@ -423,11 +423,7 @@ def parse_chat(body: Any, settings: Settings, *, passthrough: bool = False) -> P
             raise _invalid_type(where, "an object", message)
         role = message.get("role")
         if role is None:
-            raise InvalidRequest(
-                f"Missing required parameter: '{where}.role'.",
-                param=f"{where}.role",
-                code="missing_required_parameter",
-            )
+            raise _missing(f"{where}.role")
         if not isinstance(role, str):
             raise _invalid_type(f"{where}.role", "a string", role)
         if role not in _ROLES:
@@ -440,11 +436,7 @@ def parse_chat(body: Any, settings: Settings, *, passthrough: bool = False) -> P
             )
         content = message.get("content")
         if content is None and role != "assistant":
-            raise InvalidRequest(
-                f"Missing required parameter: '{where}.content'.",
-                param=f"{where}.content",
-                code="missing_required_parameter",
-            )
+            raise _missing(f"{where}.content")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if (
@@ -488,11 +480,7 @@ def parse_completion(body: Any, settings: Settings, *, passthrough: bool = False
     model = _model(body, settings)
     prompt = body.get("prompt")
     if prompt is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'prompt'.",
-            param="prompt",
-            code="missing_required_parameter",
-        )
+        raise _missing("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # the SDK's one-element batch form
     if not isinstance(prompt, str):
