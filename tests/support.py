@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,3 +222,27 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.005
             return True
         time.sleep(interval)
     return bool(predicate())  # type: ignore[operator]
+
+
+class JsonlRecord:
+    """A JSON-lines file a server process appends to (one object a line), read by a
+    test: ``self.record`` is its path."""
+
+    record: Path
+    wait_timeout = 20.0
+
+    def lines(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+
+    def wait_for(self, predicate: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The lines once ``predicate(lines)`` holds; AssertionError after ``timeout``."""
+        timeout = self.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.lines()
+            if predicate(lines):
+                return lines
+            time.sleep(0.02)
+        raise AssertionError(f"not seen within {timeout} s: {self.lines()[-5:]}")

@@ -25,7 +25,7 @@ from llmbridge import BackendError, BadRequest, Cancelled, EngineClosed, Overloa
 from llmbridge.gunicorn import EngineClient, shared_engine
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, JsonlRecord
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,8 +33,10 @@ EXPECTED = SimulatedGenerator(max_new_tokens=16)
 SERVE = [PYTHON, "-m", "llmbridge", "serve", "host_apps:engine", "--socket"]
 
 
-class EngineServer:
+class EngineServer(JsonlRecord):
     """``python -m llmbridge serve host_apps:engine`` on a socket in a temp dir."""
+
+    wait_timeout = 20.0
 
     def __init__(self, folder: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.folder = folder
@@ -42,20 +44,6 @@ class EngineServer:
         self.record = folder / "record.jsonl"
         self.proc = proc
         self.log = log
-
-    def lines(self) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
-
-    def wait_for(self, predicate: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.lines()
-            if predicate(lines):
-                return lines
-            time.sleep(0.02)
-        raise AssertionError(f"not seen within {timeout} s: {self.lines()[-5:]}")
 
 
 def host_env(folder: Path, **extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ import pytest
 from llmbridge.gunicorn import EngineClient
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, ROOT, Server, free_port, run_server
+from support import PYTHON, ROOT, JsonlRecord, Server, free_port, run_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,8 +35,10 @@ GUNICORN = {
 APPS = {"gthread": "host_apps:flask_app", "uvicorn_worker": "host_apps:asgi_app"}
 
 
-class Host:
+class Host(JsonlRecord):
     """The record file and socket of one test's engine process."""
+
+    wait_timeout = 30.0
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -50,20 +52,6 @@ class Host:
             "HOST_APPS_STEP": "0.02",
             **extra,
         }
-
-    def lines(self) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
-
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.lines()
-            if predicate(lines):
-                return lines
-            time.sleep(0.02)
-        raise AssertionError(f"not seen within {timeout} s: {self.lines()[-5:]}")
 
     def loaded(self) -> list[int]:
         return [line["loaded"] for line in self.lines() if "loaded" in line]
