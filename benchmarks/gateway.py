@@ -52,7 +52,7 @@ MODEL = "sim"
 #: (name, concurrency, streamed, rounds): each of ``concurrency`` clients sends ``rounds``
 #: requests one after another.
 SCENARIOS = [
-    ("1 stream", 1, True, 20),
+    ("1 stream", 1, True, 100),
     ("64 streams", 64, True, 2),
     ("256 streams", 256, True, 1),
     ("64 non-streamed", 64, False, 4),
@@ -180,6 +180,7 @@ def _engine() -> Any:
         model=MODEL,
         stream=os.environ.get("GATEWAY_BACKEND_STREAM", "1") == "1",
         max_concurrency=1024,
+        connections_per_pool=int(os.environ.get("GATEWAY_CONNECTIONS_PER_POOL", "4")),
     )
     return Engine(backend, max_queued=4096)
 

@@ -1,6 +1,6 @@
 """A backend that calls OpenAI-compatible HTTP APIs (OpenAI, vLLM, TGI, llama.cpp's
-server, Ollama, or another llmbridge): one or more upstreams, each through one pooled
-``httpx.AsyncClient``.
+server, Ollama, or another llmbridge): one or more upstreams, over TCP or a Unix socket,
+each through a few small pooled ``httpx.AsyncClient`` (:mod:`.pools` says why several).
 
 The clients live on the engine's own event loop for the engine's whole life, so every
 thread and coroutine of the process shares their connection pools, and no request ever
@@ -10,6 +10,8 @@ meets a client bound to a loop that has closed.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from ..._core.drivers import _positive, serve_async
 from ..._core.jobs import Job, JobQueue
 from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
 from ..._sansio.sse import SSEDecoder, encode_event
+from .pools import ShardedPool
 from .upstreams import Balancer, Upstream, UpstreamState
 from .wire import (
     Call,
@@ -67,9 +70,10 @@ class _Attempt:
 class OpenAIBackend:
     """Drives OpenAI-compatible APIs: ``/chat/completions`` and ``/completions``.
 
-    ``base_url`` names one upstream; ``upstreams`` (a list of :class:`Upstream` or URLs)
-    names several. Each attempt goes to the available upstream with the fewest
-    outstanding requests per unit of weight. An upstream that fails ``failures`` times
+    ``base_url`` names one upstream (``uds``: reached through that Unix socket, see
+    :class:`Upstream`); ``upstreams`` (a list of :class:`Upstream` or URLs) names
+    several. Each attempt goes to the available upstream with the fewest outstanding
+    requests per unit of weight. An upstream that fails ``failures`` times
     in a row (refused or broken connection, timeout, 429, 5xx) cools down for
     ``cooldown`` seconds, when it gets no requests, then one request probes it. A request
     that fails before its first chunk moves on to the next available upstream (each
@@ -99,10 +103,14 @@ class OpenAIBackend:
 
     Limits, explicit and sized from the configuration: ``max_concurrency`` caps
     requests in flight (the rest wait in the engine's queue, counted in
-    ``Engine.queued``); each upstream's pool holds ``max_connections`` connections
-    (default: ``max_concurrency``, so no admitted request waits for a connection) and
-    keeps ``max_keepalive`` of them open when idle (default: ``max_connections``, so a
-    burst does not pay new connections again). ``timeout`` bounds reads and writes
+    ``Engine.queued``); each upstream gets ``max_connections`` connections (default:
+    ``max_concurrency``, so no admitted request waits for a connection) and keeps
+    ``max_keepalive`` of them open when idle (default: ``max_connections``, so a burst
+    does not pay new connections again). They are split evenly over
+    ``ceil(max_connections / connections_per_pool)`` pools (at most 4 connections each
+    by default), opened as the load needs them: httpx scans a pool's every connection on
+    each request, so one big pool made each request's cost grow with the concurrency.
+    ``timeout`` bounds reads and writes
     (seconds between bytes), ``connect_timeout`` a connection. ``http2=True`` needs
     ``pip install "httpx[http2]"``. Construct it anywhere; the clients are created on the
     engine loop (:meth:`aopen`).
@@ -117,6 +125,7 @@ class OpenAIBackend:
         self,
         base_url: str | None = None,
         *,
+        uds: str | os.PathLike[str] | None = None,
         upstreams: Sequence[Upstream | str] | None = None,
         api_key: str | None = None,
         model: str | None = None,
@@ -125,6 +134,7 @@ class OpenAIBackend:
         connect_timeout: float = 5.0,
         max_connections: int | None = None,
         max_keepalive: int | None = None,
+        connections_per_pool: int = 4,
         http2: bool = False,
         headers: Mapping[str, str] | None = None,
         max_concurrency: int = 256,
@@ -136,9 +146,9 @@ class OpenAIBackend:
             raise ValueError("give OpenAIBackend either base_url or upstreams=[...]")
         if upstreams is None:
             assert base_url is not None
-            if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-            upstreams = [Upstream(base_url, api_key=api_key)]
+            upstreams = [Upstream(base_url, api_key=api_key, uds=uds)]
+        elif uds is not None:
+            raise ValueError("with upstreams=[...], give each Upstream its own uds=")
         configured = [
             u if isinstance(u, Upstream) else Upstream(u, api_key=api_key) for u in upstreams
         ]
@@ -158,6 +168,7 @@ class OpenAIBackend:
         self.max_keepalive = _positive(
             "max_keepalive", self.max_connections if max_keepalive is None else max_keepalive
         )
+        self.connections_per_pool = _positive("connections_per_pool", connections_per_pool)
         self.http2 = http2
         self.headers = dict(headers or {})
         self.failures = _positive("failures", failures)
@@ -176,22 +187,33 @@ class OpenAIBackend:
 
     @property
     def client(self) -> httpx.AsyncClient | None:
-        """The first upstream's pooled client while the engine runs (``None`` before and
-        after)."""
-        client: httpx.AsyncClient | None = self._states[0].client
+        """The first upstream's first pooled client while the engine runs (``None``
+        before and after)."""
+        pool = self._states[0].pool
+        client: httpx.AsyncClient | None = None if pool is None else pool.first
         return client
+
+    @property
+    def pools(self) -> int:
+        """The most pools each upstream opens: ``ceil(max_connections /
+        connections_per_pool)``."""
+        return -(-self.max_connections // self.connections_per_pool)
 
     @property
     def stats(self) -> dict[str, Any]:
         """A snapshot of the limits and counters: ``in_flight`` (requests running now),
-        ``max_concurrency``, ``max_connections`` / ``max_keepalive`` (per upstream pool),
-        and ``upstreams``: per upstream ``requests``, ``failures``, ``failovers``,
-        ``outstanding``, ``cooling_down``, ``cooldowns``. Any thread; never blocks."""
+        ``max_concurrency``, ``max_connections`` / ``max_keepalive`` (per upstream),
+        ``connections_per_pool`` and ``pools`` (the most pools per upstream), and
+        ``upstreams``: per upstream ``requests``, ``failures``, ``failovers``,
+        ``outstanding``, ``cooling_down``, ``cooldowns``, ``pools_open``. Any thread;
+        never blocks."""
         return {
             "in_flight": self._in_flight,
             "max_concurrency": self.max_concurrency,
             "max_connections": self.max_connections,
             "max_keepalive": self.max_keepalive,
+            "connections_per_pool": self.connections_per_pool,
+            "pools": self.pools,
             "upstreams": [state.as_dict() for state in self._states],
         }
 
@@ -200,29 +222,52 @@ class OpenAIBackend:
         serve_async(self, jobs, max_concurrency=self.max_concurrency)
 
     async def aopen(self) -> None:
-        """Create one pooled client per upstream on the engine loop (called by the engine)."""
+        """Open each upstream's pools on the engine loop (called by the engine): the
+        first pool at once, the others as the load needs them."""
+        # One TLS context for every pool: httpx would load the CA bundle for each client.
+        tls = httpx.create_ssl_context()
         for state in self._states:
-            upstream = state.upstream
-            headers = {"Accept": "application/json", **self.headers}
-            if upstream.api_key:
-                headers["Authorization"] = f"Bearer {upstream.api_key}"
-            state.client = httpx.AsyncClient(
-                base_url=upstream.url,
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-                limits=httpx.Limits(
-                    max_connections=self.max_connections,
-                    max_keepalive_connections=self.max_keepalive,
-                ),
-                http2=self.http2,
+            state.pool = ShardedPool(
+                self._client_factory(state.upstream, tls),
+                max_connections=self.max_connections,
+                max_keepalive=self.max_keepalive,
+                connections_per_pool=self.connections_per_pool,
             )
+
+    def _client_factory(self, upstream: Upstream, tls: ssl.SSLContext) -> Any:
+        headers = {"Accept": "application/json", **self.headers}
+        if upstream.api_key:
+            headers["Authorization"] = f"Bearer {upstream.api_key}"
+        timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout)
+
+        def open_client(connections: int, keepalive: int) -> httpx.AsyncClient:
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive)
+            if upstream.uds is None:
+                return httpx.AsyncClient(
+                    base_url=upstream.url,
+                    headers=headers,
+                    timeout=timeout,
+                    limits=limits,
+                    http2=self.http2,
+                    verify=tls,
+                )
+            # A transport of our own only for a socket: httpx then ignores proxy
+            # variables, which can't apply to a Unix socket anyway.
+            transport = httpx.AsyncHTTPTransport(
+                verify=tls, limits=limits, http2=self.http2, uds=os.fspath(upstream.uds)
+            )
+            return httpx.AsyncClient(
+                base_url=upstream.url, headers=headers, timeout=timeout, transport=transport
+            )
+
+        return open_client
 
     async def aclose(self) -> None:
         """Close the pooled clients (called by the engine as it stops)."""
         for state in self._states:
-            client, state.client = state.client, None
-            if client is not None:
-                await client.aclose()
+            pool, state.pool = state.pool, None
+            if pool is not None:
+                await pool.aclose()
 
     async def generate(self, request: Request, job: Job) -> None:
         """Run one request upstream, failing over before its first chunk, and write its
@@ -236,7 +281,7 @@ class OpenAIBackend:
                 state = self._balancer.pick(tried)
                 if state is None:
                     raise last or self._none_left()
-                if state.client is None:
+                if state.pool is None:
                     raise BackendError("the OpenAIBackend is not open: run it in an Engine")
                 tried.append(state)
                 attempt = _Attempt()
@@ -274,14 +319,15 @@ class OpenAIBackend:
         )
 
     async def _attempt(self, state: UpstreamState, call: Call, job: Job, attempt: _Attempt) -> None:
-        client = state.client
+        pool: ShardedPool[httpx.AsyncClient] = state.pool
         sent_model = state.upstream.model_for(call.model, self.model)
         body = call.body_for(sent_model)
+        shard = pool.checkout()
         try:
             if call.stream:
-                await self._streamed(client, call, body, sent_model, job, attempt)
+                await self._streamed(shard.client, call, body, sent_model, job, attempt)
             else:
-                await self._whole(client, call, body, sent_model, job, attempt)
+                await self._whole(shard.client, call, body, sent_model, job, attempt)
         except httpx.TimeoutException as exc:
             raise Timeout(f"the upstream timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
@@ -290,6 +336,8 @@ class OpenAIBackend:
                 retryable=True,
                 summary="the upstream connection failed",
             ) from exc
+        finally:
+            pool.checkin(shard)
 
     async def _whole(
         self,

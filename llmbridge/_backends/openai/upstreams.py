@@ -8,6 +8,7 @@ the counters are plain ints that any thread may read (values may lag).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ class Upstream:
     """One OpenAI-compatible server an :class:`~llmbridge.backends.OpenAIBackend` may call.
 
     ``url`` is its base URL (``http://host:8000/v1``), ``api_key`` its bearer token,
+    ``uds`` the path of a Unix socket to reach it through instead of TCP (the URL's host
+    then only names it in the ``Host`` header: ``Upstream("http://localhost/v1",
+    uds="/run/llmbridge.sock")`` reaches ``llmbridge serve --socket`` or any server
+    listening on a socket),
     ``models`` maps the model names callers use to this server's own (a name not in the
     map is sent as the backend's ``model``, else as the caller gave it), ``weight`` its
     share under balancing (twice the weight: twice the outstanding requests before it
@@ -29,6 +34,9 @@ class Upstream:
 
     >>> Upstream("http://10.0.0.2:8000/v1", models={"gpt-4o": "llama-3-70b"}, weight=2)
     Upstream(url='http://10.0.0.2:8000/v1', ...)
+
+    Raises ``ValueError`` for a URL that isn't http(s) (a ``unix:`` URL included: give
+    the socket as ``uds``), a ``uds`` that isn't a non-empty path, or a weight <= 0.
     """
 
     url: str
@@ -36,28 +44,50 @@ class Upstream:
     models: Mapping[str, str] = field(default_factory=dict)
     weight: float = 1.0
     name: str | None = None
+    uds: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.url, str) and self.url.startswith(("unix:", "http+unix:")):
+            raise ValueError(
+                f"give a Unix socket as uds=, with an http URL for the path: "
+                f"Upstream('http://localhost/v1', uds='/path/to.sock'), got {self.url!r}"
+            )
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"an upstream url must be an http(s) URL, got {self.url!r}")
+        if self.uds is not None:
+            object.__setattr__(self, "uds", _socket_path(self.uds))
         if isinstance(self.weight, bool) or not self.weight > 0:
             raise ValueError(f"an upstream weight must be > 0, got {self.weight!r}")
         object.__setattr__(self, "url", self.url.rstrip("/"))
         object.__setattr__(self, "models", dict(self.models))
 
     def __repr__(self) -> str:
-        return f"Upstream(url={self.url!r}, ...)"
+        via = "" if self.uds is None else f", uds={self.uds!r}"
+        return f"Upstream(url={self.url!r}{via}, ...)"
 
     @property
     def label(self) -> str:
-        """The name in metrics: ``name``, else the URL."""
-        return self.name or self.url
+        """The name in metrics: ``name``, else the URL (and the socket, with ``uds``)."""
+        if self.name:
+            return self.name
+        return self.url if self.uds is None else f"{self.url} (unix:{self.uds})"
 
     def model_for(self, model: str | None, default: str | None) -> str | None:
         """The model name to send this upstream for a caller's ``model``."""
         if model is not None and model in self.models:
             return self.models[model]
         return default if default is not None else model
+
+
+def _socket_path(uds: object) -> str:
+    """``uds`` as a ``str`` path, or ``ValueError``."""
+    try:
+        path = os.fspath(uds)  # type: ignore[call-overload]  # checked just below
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError(f"uds must be the path of a Unix socket, got {uds!r}")
+    return path
 
 
 class UpstreamState:
@@ -82,7 +112,8 @@ class UpstreamState:
         self.failures_to_open = failures
         self.cooldown = cooldown
         self._clock = clock
-        self.client: Any = None
+        #: Its pools of connections while the backend is open (a ``ShardedPool``).
+        self.pool: Any = None
         #: Requests sent to this upstream (attempts, failovers included).
         self.requests = 0
         #: Attempts that failed in a way that counts against the upstream.
@@ -148,6 +179,7 @@ class UpstreamState:
         return {
             "name": self.upstream.label,
             "url": self.upstream.url,
+            "pools_open": 0 if self.pool is None else len(self.pool.shards),
             "requests": self.requests,
             "failures": self.failures,
             "failovers": self.failovers,
