@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
+
+import anyio
 
 from ..._core.channel import Request
 from ..._core.drivers import _positive, serve_async
@@ -387,7 +389,8 @@ class OpenAIBackend:
                 raise _status_error(response, await response.aread())
             decoder = SSEDecoder()
             progress = Progress()
-            async for piece in response.aiter_bytes():
+            reads = response.aiter_bytes()
+            async for piece in reads:
                 out: list[bytes] = []
                 pieces = progress.pieces
                 for event in decoder.feed(piece):
@@ -402,6 +405,7 @@ class OpenAIBackend:
                             prompt_tokens=progress.prompt_tokens,
                             completion_tokens=progress.completion_tokens or progress.pieces,
                         )
+                        await _read_to_end(reads)
                         return
                     data = json_object(event.data)
                     if "error" in data:
@@ -423,6 +427,22 @@ class OpenAIBackend:
                 "the upstream closed the stream before it finished (no data: [DONE])",
                 retryable=True,
             )
+
+
+#: How long a finished stream's body may take to end after ``data: [DONE]`` (normally
+#: it ends in the same read) before its connection is closed instead of reused.
+_END_GRACE = 1.0
+
+
+async def _read_to_end(reads: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (the body's last chunk): a response closed before its
+    end closes its connection, so without this every stream paid a new connection."""
+    with anyio.move_on_after(_END_GRACE):
+        try:
+            async for _ in reads:
+                pass
+        except httpx.HTTPError:
+            pass  # the answer is complete; this connection just isn't reused
 
 
 def _counts_against(error: LLMBridgeError) -> bool:

@@ -59,7 +59,8 @@ class ShardedPool(Generic[C]):
     ``open_client(max_connections, max_keepalive)`` builds one pool's client. The first
     pool opens at once; another only when every open one has all its connections busy,
     so light traffic keeps reusing a few warm connections. :meth:`checkout` hands out
-    the open pool with the fewest requests on it; give it back with :meth:`checkin`.
+    the open pool with the most free connections (the fewest requests on it, as pools
+    differ by one at most); give it back with :meth:`checkin`.
     Engine loop only; never blocks.
     """
 
@@ -100,17 +101,18 @@ class ShardedPool(Generic[C]):
 
     def checkout(self) -> Shard[C]:
         """The pool for the next request, counted as holding one of its connections
-        until :meth:`checkin`: the open one with the fewest requests on it, or a new one
+        until :meth:`checkin`: the open one with the most free connections, or a new one
         when every open pool is full and the limit allows (when all are full and none is
-        left, the least loaded; the request waits there for a connection)."""
+        left, the least overloaded; the request waits there for a connection)."""
         best: Shard[C] | None = None
+        free = 0
         for shard in self.shards:
-            if best is None or shard.outstanding < best.outstanding:
-                best = shard
+            if best is None or shard.limit - shard.outstanding > free:
+                best, free = shard, shard.limit - shard.outstanding
                 if not shard.outstanding:
                     break  # nothing beats an idle pool
         assert best is not None
-        if best.outstanding >= best.limit and len(self.shards) < len(self._sizes):
+        if free <= 0 and len(self.shards) < len(self._sizes):
             best = self._open_next()
         best.outstanding += 1
         return best
