@@ -13,8 +13,9 @@ tokens 10 ms apart; a non-streamed answer after 20 ms) and, in front of it, side
 Every server listens on 127.0.0.1 and runs uvloop + h11 (uvicorn ``--loop uvloop --http
 h11``; plain asyncio where uvloop is missing, and the table says so). Scenarios: 1, 64
 and 256 concurrent streams, and 64 concurrent non-streamed requests, each a bounded
-number of requests (``ROUNDS``), from one aiohttp client in this process; the targets'
-order rotates over ``--repeats`` repeats. Reported per scenario and target, over all
+number of requests (``SCENARIOS``: 100 in turn for 1 stream, so its p99 is not just the
+slowest request), from one aiohttp client in this process; the targets' order rotates
+over ``--repeats`` repeats (``--only`` picks scenarios). Reported per scenario and target, over all
 repeats: added time to first chunk and total (p50 and p99 of the target minus those of
 ``direct`` in the same repeat, then the median over repeats), requests/s, the CPU
 seconds per 1,000 requests of the target's process tree (utime + stime from
@@ -22,6 +23,7 @@ seconds per 1,000 requests of the target's process tree (utime + stime from
 
     python benchmarks/gateway.py --litellm-python /work/venv-litellm/bin/python
     python benchmarks/gateway.py                     # without LiteLLM
+    python benchmarks/gateway.py --only "64 non-streamed" --connections-per-pool 64
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def _engine() -> Any:
     from llmbridge.backends import OpenAIBackend
 
     upstream = os.environ["GATEWAY_UPSTREAM"]
-    # Room for the largest scenario (256 streams) and more: the connection pool is sized
-    # from max_concurrency by default.
+    # Room for the largest scenario (256 streams) and more: the connections are sized
+    # from max_concurrency by default (in pools of connections_per_pool).
     backend = OpenAIBackend(
         upstream,
         model=MODEL,
@@ -367,6 +369,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", help="scenario names to run (default: all)")
     parser.add_argument(
+        "--connections-per-pool",
+        type=int,
+        default=4,
+        help="OpenAIBackend(connections_per_pool=...) for the llmbridge gateways",
+    )
+    parser.add_argument(
         "--backend-whole",
         action="store_true",
         help="OpenAIBackend(stream=False): whole upstream answers (for non-streamed runs)",
@@ -385,6 +393,7 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{up_port}/v1"
     env["GATEWAY_UPSTREAM"] = upstream
     env["GATEWAY_BACKEND_STREAM"] = "0" if args.backend_whole else "1"
+    env["GATEWAY_CONNECTIONS_PER_POOL"] = str(args.connections_per_pool)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls = {"direct": f"http://127.0.0.1:{up_port}"}
     scratch = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -450,7 +459,10 @@ def main() -> None:
         print(f"\nservers: uvicorn --http h11 --loop {loop_name}; {litellm_note}")
         print("direct's CPU and RSS are the fake upstream's own.")
         backend = "stream=False" if args.backend_whole else "stream=True (the default)"
-        print(f"llmbridge gateways: OpenAIBackend({backend})")
+        print(
+            f"llmbridge gateways: OpenAIBackend({backend}, max_concurrency=1024,"
+            f" connections_per_pool={args.connections_per_pool})"
+        )
     finally:
         for proc in procs.values():
             proc.terminate()
