@@ -16,12 +16,13 @@ from typing import Any
 from ..._core.channel import Request
 from ..._core.drivers import _positive, serve_async
 from ..._core.jobs import Job, JobQueue
-from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
+from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError, UpstreamRejected
 from ..._sansio.sse import SSEDecoder, encode_event
 from .upstreams import Balancer, Upstream, UpstreamState
 from .wire import (
     Call,
     Progress,
+    error_object,
     json_object,
     message_of,
     parse_retry_after,
@@ -169,6 +170,8 @@ class OpenAIBackend:
         ]
         self._balancer = Balancer(self._states)
         self._in_flight = 0
+        # The upstreams (by id) whose last failure was a 429 (engine loop only).
+        self._throttled: set[int] = set()
 
     def __repr__(self) -> str:
         urls = ", ".join(repr(u.url) for u in self.upstreams)
@@ -229,13 +232,13 @@ class OpenAIBackend:
         output to ``job`` (engine loop only)."""
         call = Call.of(request.prompt, request.params, model=self.model, stream=self.stream)
         tried: list[UpstreamState] = []
-        last: LLMBridgeError | None = None
+        errors: list[LLMBridgeError] = []
         self._in_flight += 1
         try:
             while True:
                 state = self._balancer.pick(tried)
                 if state is None:
-                    raise last or self._none_left()
+                    raise self._final(errors) if errors else self._none_left()
                 if state.client is None:
                     raise BackendError("the OpenAIBackend is not open: run it in an Engine")
                 tried.append(state)
@@ -250,6 +253,7 @@ class OpenAIBackend:
                     return
                 except LLMBridgeError as exc:
                     failed = _counts_against(exc)
+                    self._note(request, state, exc, failed=failed)
                     if not failed or attempt.emitted or job.ended:
                         raise
                     state.failovers += 1
@@ -259,13 +263,66 @@ class OpenAIBackend:
                         state.upstream.label,
                         exc.message,
                     )
-                    last = exc
+                    errors.append(exc)
                 finally:
+                    if failed is False:
+                        self._throttled.discard(id(state))
                     state.end(failed=failed)
         finally:
             self._in_flight -= 1
 
+    def _note(
+        self, request: Request, state: UpstreamState, error: LLMBridgeError, *, failed: bool
+    ) -> None:
+        """Remember whether ``state`` last failed with a 429; log a refusal of our key."""
+        if failed:
+            if _throttled(error):
+                self._throttled.add(id(state))
+            else:
+                self._throttled.discard(id(state))
+        if isinstance(error, UpstreamError) and error.upstream_status in _CREDENTIALS:
+            # The operator's key is wrong for this upstream: the client only learns that
+            # the upstream refused us (its text may echo part of the key); the log says.
+            logger.warning(
+                "request %s: upstream %s refused this server's credentials: %s",
+                request.id,
+                state.upstream.label,
+                error.message,
+            )
+
+    def _final(self, errors: list[LLMBridgeError]) -> LLMBridgeError:
+        """The error a request fails with once every upstream failed it: the last one,
+        unless every one answered 429; then a 429 whose ``Retry-After`` is the soonest
+        any upstream asked for (else the soonest cooldown's end, else a second)."""
+        others = [e for e in errors if not _throttled(e)]
+        if others:
+            return others[-1]
+        last = errors[-1]
+        if len(errors) == 1 and last.retry_after is not None:
+            return last
+        afters = [e.retry_after for e in errors if e.retry_after is not None]
+        wait = min(afters) if afters else self._balancer.soonest_back()
+        error = UpstreamError(
+            last.message if len(errors) == 1 else f"every upstream answered 429: {last.message}",
+            upstream_status=429,
+            retryable=True,
+            retry_after=1.0 if wait is None else wait,
+            summary=None if len(errors) == 1 else "every upstream answered 429",
+        )
+        error.__cause__ = last
+        return error
+
     def _none_left(self) -> LLMBridgeError:
+        cooling = [s for s in self._states if s.cooling_down]
+        if cooling and all(id(s) in self._throttled for s in cooling):
+            # They cool down after 429s: the client is told to slow down, as they said.
+            return UpstreamError(
+                "every upstream is cooling down after answering 429",
+                upstream_status=429,
+                retryable=True,
+                retry_after=self._balancer.soonest_back(),
+                summary="every upstream answered 429",
+            )
         return UpstreamError(
             "every upstream is cooling down after failures",
             retryable=True,
@@ -377,23 +434,52 @@ class OpenAIBackend:
             )
 
 
+#: Statuses that say this server's credentials are wrong for the upstream: never relayed.
+_CREDENTIALS = frozenset({401, 403, 407})
+#: Statuses that, without an OpenAI error object, say the upstream is misconfigured (our
+#: key, our base URL): the upstream's failure, not the request's.
+_MISCONFIGURED = _CREDENTIALS | {404, 405}
+
+
+def _throttled(error: LLMBridgeError) -> bool:
+    return isinstance(error, UpstreamError) and error.upstream_status == 429
+
+
 def _counts_against(error: LLMBridgeError) -> bool:
     """Whether ``error`` is the upstream's fault (a failover and a breaker failure), not
-    the request's (a 400) or the consumer's (a cancellation)."""
+    the request's (an :class:`~llmbridge.UpstreamRejected`, a 400) or the consumer's (a
+    cancellation)."""
     if isinstance(error, Timeout):
         return True
     if isinstance(error, UpstreamError):
         status = error.upstream_status
-        return status is None or status == 429 or status >= 500
+        return status is None or status == 429 or status >= 500 or status in _MISCONFIGURED
     return False
 
 
-def _status_error(response: httpx.Response, raw: bytes) -> UpstreamError:
+def _status_error(response: httpx.Response, raw: bytes) -> LLMBridgeError:
+    """The error for an upstream's error status and body.
+
+    A 4xx whose body is an OpenAI error object is the upstream refusing the request
+    itself: :class:`~llmbridge.UpstreamRejected`, relayed to the client. 401, 403 and 407
+    are about our key and 429 about load, never relayed; anything else (a 5xx, an HTML
+    404 from a wrong base URL) is an :class:`~llmbridge.UpstreamError`, whose text goes
+    only to the log.
+    """
     status = response.status_code
+    if 400 <= status <= 499 and status not in _CREDENTIALS and status != 429:
+        fields = error_object(raw)
+        if fields is not None:
+            return UpstreamRejected(
+                fields["message"] or "", upstream_status=status, error_object=fields
+            )
     detail = message_of(raw) or response.reason_phrase
     return UpstreamError(
         f"the upstream answered {status}: {detail}",
         upstream_status=status,
         retryable=status == 429 or status >= 500,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
+        summary=f"the upstream refused this server's credentials ({status})"
+        if status in _CREDENTIALS
+        else None,
     )
