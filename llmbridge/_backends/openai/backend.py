@@ -16,16 +16,14 @@ from typing import Any
 from ..._core.channel import Request
 from ..._core.drivers import _positive, serve_async
 from ..._core.jobs import Job, JobQueue
-from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError, UpstreamRejected
+from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
 from ..._sansio.sse import SSEDecoder, encode_event
+from .errors import CREDENTIALS, counts_against, final_error, is_429, status_error
 from .upstreams import Balancer, Upstream, UpstreamState
 from .wire import (
     Call,
     Progress,
-    error_object,
     json_object,
-    message_of,
-    parse_retry_after,
     reason,
     relayed,
     stream_error,
@@ -71,7 +69,8 @@ class OpenAIBackend:
     ``base_url`` names one upstream; ``upstreams`` (a list of :class:`Upstream` or URLs)
     names several. Each attempt goes to the available upstream with the fewest
     outstanding requests per unit of weight. An upstream that fails ``failures`` times
-    in a row (refused or broken connection, timeout, 429, 5xx) cools down for
+    in a row (refused or broken connection, timeout, 429, 5xx, our key refused, a
+    non-OpenAI 404) cools down for
     ``cooldown`` seconds, when it gets no requests, then one request probes it. A request
     that fails before its first chunk moves on to the next available upstream (each
     upstream once); after the first chunk it never does, so no client sees text twice.
@@ -92,11 +91,17 @@ class OpenAIBackend:
     wire form (the JSON body, or SSE events), which is what every policy caches, shares
     and retries.
 
-    Errors: an upstream error status becomes :class:`~llmbridge.UpstreamError`
-    (``upstream_status``, ``retryable`` for 429 and 5xx, ``retry_after``); a broken
-    connection or a stream that ends before its finish is a retryable
-    ``UpstreamError``; a timeout is :class:`~llmbridge.Timeout`. Cancelling a stream
-    cancels its task, which closes the upstream response (and its connection) at once.
+    Errors: an upstream's own 4xx whose body is an OpenAI error object (an invalid tool
+    schema, a context overflow, an unknown model) is :class:`~llmbridge.UpstreamRejected`
+    with the upstream's status: the request's fault, relayed to the client, never failed
+    over, retried or counted by a breaker. Any other error status becomes
+    :class:`~llmbridge.UpstreamError` (``upstream_status``, ``retryable`` for 429 and
+    5xx, ``retry_after``), its text only in the log: 401/403 (our key, logged at warning
+    with the request id), 429 (a 429 to the client when every upstream said so), 5xx,
+    an HTML 404 from a wrong base URL. A broken connection or a stream that ends before
+    its finish is a retryable ``UpstreamError``; a timeout is
+    :class:`~llmbridge.Timeout`. Cancelling a stream cancels its task, which closes the
+    upstream response (and its connection) at once.
 
     Limits, explicit and sized from the configuration: ``max_concurrency`` caps
     requests in flight (the rest wait in the engine's queue, counted in
@@ -252,7 +257,7 @@ class OpenAIBackend:
                     failed = False
                     return
                 except LLMBridgeError as exc:
-                    failed = _counts_against(exc)
+                    failed = counts_against(exc)
                     self._note(request, state, exc, failed=failed)
                     if not failed or attempt.emitted or job.ended:
                         raise
@@ -276,11 +281,11 @@ class OpenAIBackend:
     ) -> None:
         """Remember whether ``state`` last failed with a 429; log a refusal of our key."""
         if failed:
-            if _throttled(error):
+            if is_429(error):
                 self._throttled.add(id(state))
             else:
                 self._throttled.discard(id(state))
-        if isinstance(error, UpstreamError) and error.upstream_status in _CREDENTIALS:
+        if isinstance(error, UpstreamError) and error.upstream_status in CREDENTIALS:
             # The operator's key is wrong for this upstream: the client only learns that
             # the upstream refused us (its text may echo part of the key); the log says.
             logger.warning(
@@ -291,26 +296,8 @@ class OpenAIBackend:
             )
 
     def _final(self, errors: list[LLMBridgeError]) -> LLMBridgeError:
-        """The error a request fails with once every upstream failed it: the last one,
-        unless every one answered 429; then a 429 whose ``Retry-After`` is the soonest
-        any upstream asked for (else the soonest cooldown's end, else a second)."""
-        others = [e for e in errors if not _throttled(e)]
-        if others:
-            return others[-1]
-        last = errors[-1]
-        if len(errors) == 1 and last.retry_after is not None:
-            return last
-        afters = [e.retry_after for e in errors if e.retry_after is not None]
-        wait = min(afters) if afters else self._balancer.soonest_back()
-        error = UpstreamError(
-            last.message if len(errors) == 1 else f"every upstream answered 429: {last.message}",
-            upstream_status=429,
-            retryable=True,
-            retry_after=1.0 if wait is None else wait,
-            summary=None if len(errors) == 1 else "every upstream answered 429",
-        )
-        error.__cause__ = last
-        return error
+        """The error a request fails with once every upstream failed it."""
+        return final_error(errors, self._balancer.soonest_back())
 
     def _none_left(self) -> LLMBridgeError:
         cooling = [s for s in self._states if s.cooling_down]
@@ -359,7 +346,12 @@ class OpenAIBackend:
     ) -> None:
         response = await client.post(call.path, json=body)
         if response.status_code >= 400:
-            raise _status_error(response, response.content)
+            raise status_error(
+                response.status_code,
+                response.reason_phrase,
+                response.headers.get("retry-after"),
+                response.content,
+            )
         raw = response.text
         data = json_object(raw)
         progress = Progress()
@@ -393,7 +385,12 @@ class OpenAIBackend:
         # closed rather than pooled, so the upstream sees the disconnect at once.
         async with client.stream("POST", call.path, json=body) as response:
             if response.status_code >= 400:
-                raise _status_error(response, await response.aread())
+                raise status_error(
+                    response.status_code,
+                    response.reason_phrase,
+                    response.headers.get("retry-after"),
+                    await response.aread(),
+                )
             decoder = SSEDecoder()
             progress = Progress()
             async for piece in response.aiter_bytes():
@@ -432,54 +429,3 @@ class OpenAIBackend:
                 "the upstream closed the stream before it finished (no data: [DONE])",
                 retryable=True,
             )
-
-
-#: Statuses that say this server's credentials are wrong for the upstream: never relayed.
-_CREDENTIALS = frozenset({401, 403, 407})
-#: Statuses that, without an OpenAI error object, say the upstream is misconfigured (our
-#: key, our base URL): the upstream's failure, not the request's.
-_MISCONFIGURED = _CREDENTIALS | {404, 405}
-
-
-def _throttled(error: LLMBridgeError) -> bool:
-    return isinstance(error, UpstreamError) and error.upstream_status == 429
-
-
-def _counts_against(error: LLMBridgeError) -> bool:
-    """Whether ``error`` is the upstream's fault (a failover and a breaker failure), not
-    the request's (an :class:`~llmbridge.UpstreamRejected`, a 400) or the consumer's (a
-    cancellation)."""
-    if isinstance(error, Timeout):
-        return True
-    if isinstance(error, UpstreamError):
-        status = error.upstream_status
-        return status is None or status == 429 or status >= 500 or status in _MISCONFIGURED
-    return False
-
-
-def _status_error(response: httpx.Response, raw: bytes) -> LLMBridgeError:
-    """The error for an upstream's error status and body.
-
-    A 4xx whose body is an OpenAI error object is the upstream refusing the request
-    itself: :class:`~llmbridge.UpstreamRejected`, relayed to the client. 401, 403 and 407
-    are about our key and 429 about load, never relayed; anything else (a 5xx, an HTML
-    404 from a wrong base URL) is an :class:`~llmbridge.UpstreamError`, whose text goes
-    only to the log.
-    """
-    status = response.status_code
-    if 400 <= status <= 499 and status not in _CREDENTIALS and status != 429:
-        fields = error_object(raw)
-        if fields is not None:
-            return UpstreamRejected(
-                fields["message"] or "", upstream_status=status, error_object=fields
-            )
-    detail = message_of(raw) or response.reason_phrase
-    return UpstreamError(
-        f"the upstream answered {status}: {detail}",
-        upstream_status=status,
-        retryable=status == 429 or status >= 500,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
-        summary=f"the upstream refused this server's credentials ({status})"
-        if status in _CREDENTIALS
-        else None,
-    )
