@@ -17,7 +17,7 @@ import httpx
 import pytest
 from test_host import EXPECTED, EngineServer, engine_server
 
-from llmbridge import BadRequest
+from llmbridge import BadRequest, LLMBridgeError, UpstreamError, UpstreamRejected
 from llmbridge.gunicorn import EngineClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -175,3 +175,43 @@ def test_the_stream_socket_is_0600_and_goes_with_the_engine() -> None:
         assert server.proc.wait(20) == 0
         assert not os.path.exists(path)
         assert not os.path.exists(server.socket)
+
+
+def every_error() -> list[type[LLMBridgeError]]:
+    from llmbridge._host.wire import _CLASSES
+
+    return sorted(_CLASSES.values(), key=lambda cls: cls.__name__)
+
+
+@pytest.mark.parametrize("cls", every_error(), ids=lambda cls: cls.__name__)
+def test_every_error_class_crosses_with_its_status_and_public_detail(
+    cls: type[LLMBridgeError],
+) -> None:
+    """What a worker rebuilds from the engine process's problem line: the same class,
+    the status the engine process chose, its client-safe detail (never backend text)."""
+    from llmbridge._host.wire import error_from_problem
+    from llmbridge._sansio.problem import problem
+
+    try:
+        error = cls("the backend's secret text")
+    except TypeError:
+        pytest.skip(f"{cls.__name__} is not built from a message")
+    error.status = 429 if cls.status == 429 else 418 if cls.status < 500 else 507
+    body = json.loads(json.dumps(problem(error, "rid-1")))
+    again = error_from_problem(body)
+    assert type(again) is cls or (issubclass(cls, UpstreamError) and type(again) is UpstreamError)
+    assert again.status == error.status
+    assert again.public_message == body["detail"]
+    assert ("secret" in again.public_message) == error.public
+
+
+def test_an_upstream_rejection_crosses_with_its_error_object() -> None:
+    from llmbridge._host.wire import error_from_problem
+    from llmbridge._sansio.problem import problem
+
+    fields = {"message": "bad schema", "type": "invalid_request_error", "param": "tools"}
+    error = UpstreamRejected("bad schema", upstream_status=422, error_object=fields)
+    again = error_from_problem(json.loads(json.dumps(problem(error, "rid-2"))))
+    assert isinstance(again, UpstreamRejected)
+    assert again.status == 422
+    assert again.error_object == {**fields, "code": None}

@@ -15,7 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .._exceptions import BackendError, BadRequest, LLMBridgeError, UpstreamError, _seconds
+from .._exceptions import (
+    BackendError,
+    BadRequest,
+    LLMBridgeError,
+    UpstreamError,
+    UpstreamRejected,
+    _seconds,
+)
 from .._web.bridge import valid_request_id
 
 __all__ = [
@@ -100,8 +107,21 @@ def error_from_problem(
     after = data.get("retry_after")
     retry_after = after if isinstance(after, (int, float)) and not isinstance(after, bool) else None
     cls = _CLASSES.get(name) if isinstance(name, str) else None
+    sent = data.get("status")
+    if isinstance(sent, int) and not isinstance(sent, bool) and 400 <= sent <= 599:
+        status = status or sent
+    else:
+        sent = None
     if cls is None:
         error: LLMBridgeError = BackendError(message)
+    elif issubclass(cls, UpstreamRejected):
+        fields = data.get("upstream_error")
+        relayed: dict[str, str | None] = {
+            key: value
+            for key, value in (fields.items() if isinstance(fields, dict) else ())
+            if key in ("message", "type", "param", "code") and isinstance(value, str)
+        }
+        error = UpstreamRejected(message, upstream_status=sent or 400, error_object=relayed)
     elif issubclass(cls, UpstreamError):
         error = UpstreamError(message, summary=message or None, upstream_status=status)
     else:
@@ -109,6 +129,8 @@ def error_from_problem(
             error = cls(message)
         except TypeError:  # a leaf whose constructor wants more than a message
             error = BackendError(message)
+    if sent is not None and cls is not None:
+        error.status = sent  # the status the engine process chose (a 413 BadRequest, ...)
     if retry_after is not None or cls is None:
         error.retry_after = _seconds(retry_after)
     # The detail was already made client-safe by the engine process: show it as it is.
