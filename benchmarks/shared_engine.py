@@ -17,14 +17,16 @@ configured). *shared*: the workers' ``shared_engine(make_engine)`` connects to
 
 The load is closed-loop: ``--streams`` clients, each streaming one request after another,
 each asking for a length drawn from [tokens/2, 3*tokens/2] (seeded; real answers differ
-in length, so the streams don't finish in lockstep). By default every request opens a new
-connection, as behind a proxy that doesn't keep connections to the app alive (nginx's
-default): the kernel spreads them over the workers; ``--keep-alive`` pins each client to
-the worker that accepted its connection. After ``--warmup`` seconds, ``--seconds`` of
-steady state are measured: tokens/s and mean batch from every model-holding process's
-own step log (every step appends its time, batch size and tokens), p50/p99 time to first
-token of the requests begun in the window, total RSS of the model-holding processes.
-Then the per-chunk cost of the process hop against a local engine.
+in length, so the streams don't finish in lockstep). Each client keeps its connection
+alive (as a client pool, or a proxy with upstream keep-alive, does), so it stays with the
+worker that accepted it; ``--new-connections`` opens one per request instead (a proxy
+without upstream keep-alive, nginx's default), and the kernel then spreads them over the
+workers unevenly (the per-worker engines' batches are printed). After ``--warmup``
+seconds, ``--seconds`` of steady state are measured: tokens/s and mean batch from every
+model-holding process's own step log (every step appends its time, batch size and
+tokens), p50/p99 time to first token of the requests begun in the window, total RSS of
+the model-holding processes, and the CPU the servers (workers and engine process) spent
+per token. Then the CPU per chunk of the process hop against a local engine.
 
 Run: python benchmarks/shared_engine.py [--backend both] [--streams 64] [--seconds 20]
 """
@@ -341,7 +343,7 @@ def run_side(backend: str, shared: bool, args: argparse.Namespace) -> dict[str, 
             url = f"http://127.0.0.1:{port}"
             # Warm every worker (imports, and a per-worker engine builds its model).
             asyncio.run(_load(url, args.workers * 4, 0.0, 2.0, 4, False))
-            load = (args.streams, args.warmup, args.seconds, args.tokens, args.keep_alive)
+            load = (args.streams, args.warmup, args.seconds, args.tokens, not args.new_connections)
             result = asyncio.run(_load(url, *load, tuple(p.pid for p in procs)))
             holders = [int(p.name.split("-")[1]) for p in folder.glob("model-*")]
             result["model_processes"] = len(holders)
@@ -465,7 +467,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--tokens", type=int, default=32, help="mean tokens per answer")
-    parser.add_argument("--keep-alive", action="store_true", help="one connection per client")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="a new connection for every request"
+    )
     parser.add_argument("--model-mb", type=int, default=200)
     parser.add_argument("--step-time", type=float, default=0.1)
     parser.add_argument("--batch-exponent", type=float, default=0.25)
@@ -482,7 +486,7 @@ def main() -> None:
         print("(transformers rows not run: torch or transformers is not installed)")
     print(
         f"{args.workers} workers, {args.streams} closed-loop streams of ~{args.tokens} tokens, "
-        f"{'kept-alive connections' if args.keep_alive else 'a connection per request'}; "
+        f"{'a connection per request' if args.new_connections else 'kept-alive connections'}; "
         f"{args.seconds:g} s measured after {args.warmup:g} s, medians of {args.repeat} "
         f"interleaved runs; load average "
         f"{os.getloadavg()[0]:.1f}"
