@@ -21,11 +21,14 @@ from ._exceptions import (
     ConcurrentEntryError,
     EngineClosed,
     LLMBridgeError,
+    OffloadError,
     Overloaded,
     RateLimited,
+    RemoteError,
     SlowConsumer,
     Timeout,
     UpstreamError,
+    UpstreamRejected,
 )
 from ._sansio.reqlog import JsonLogFormatter
 
@@ -45,8 +48,10 @@ __all__ = [
     "LLMBridgeError",
     "Locked",
     "Observer",
+    "OffloadError",
     "Overloaded",
     "RateLimited",
+    "RemoteError",
     "Request",
     "RequestOutcome",
     "SlowConsumer",
@@ -54,6 +59,7 @@ __all__ = [
     "Submitter",
     "Timeout",
     "UpstreamError",
+    "UpstreamRejected",
     "__version__",
     "locked",
 ]
