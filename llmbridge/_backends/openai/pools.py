@@ -5,9 +5,9 @@ httpcore's ``AsyncConnectionPool`` walks every connection it holds on each reque
 assigns and each response it releases (``has_expired``: a ``getpeername`` and a ``poll``
 per idle connection, and for each idle one a count over the whole pool again). With 64
 or more requests in flight through one pool, that walk was most of the engine thread's
-time (59% under 64 concurrent whole answers). Several pools of at most
-``connections_per_pool`` connections each bound the walk, whatever the concurrency; the
-total stays ``max_connections``.
+time (59% to 70% of its samples under 64 concurrent whole answers; see
+docs/benchmarks.md). Several pools of at most ``connections_per_pool`` connections each
+bound the walk, whatever the concurrency; the total stays ``max_connections``.
 
 Engine loop only (no locks): :meth:`ShardedPool.checkout` and
 :meth:`ShardedPool.checkin` run on the one thread that owns the clients. The counters
