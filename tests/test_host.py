@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from llmbridge import BackendError, BadRequest, Cancelled, EngineClosed, Overloaded
@@ -424,3 +425,33 @@ def test_metrics_of_any_worker_are_the_host_figures(server: EngineServer) -> Non
     finally:
         a.close(5)
         b.close(5)
+
+
+def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
+    """/llmbridge/v1/stats counts the requests and connections open on the socket (its
+    own left out), and host_checks.assert_drained, which every end-to-end test ends
+    with, fails while a stream or a bare connection is left open and passes once it
+    is closed."""
+    from host_checks import assert_drained, engine_stats, unix_connections
+
+    with engine_server(LLMBRIDGE_ENGINE_KEEP_ALIVE="1") as server:
+        (pid,) = [x["loaded"] for x in server.lines() if "loaded" in x]
+        assert_drained(server.socket, pid)
+        transport = httpx.HTTPTransport(uds=server.socket)
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=10) as raw:
+            body = {"prompt": "held", "request_id": "held-1", "params": {"max_new_tokens": 10_000}}
+            with raw.stream("POST", "/llmbridge/v1/submit", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # held: dropping it would close the response
+                next(lines)
+                stats = engine_stats(server.socket)
+                assert (stats["in_flight"], stats["requests"], stats["connections"]) == (1, 1, 1)
+                assert unix_connections(pid, server.socket) >= 1
+                with pytest.raises(AssertionError, match="'in_flight': 1, 'requests': 1"):
+                    assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)  # closed: the job was cancelled, all is shut
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bare:
+            bare.connect(server.socket)
+            with pytest.raises(AssertionError, match="'connections': 1, 'accepted_sockets': 1"):
+                assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)

@@ -88,6 +88,7 @@ def serve_once(
     *,
     group: str | None = None,
     graceful_timeout: float = 10.0,
+    keep_alive: float = 60.0,
     log_level: str = "warning",
 ) -> int:
     """Be the engine process: load ``target``, serve it on ``socket_path`` until SIGTERM
@@ -96,6 +97,7 @@ def serve_once(
     The socket is bound only once the submitter is built and started, so a client that
     connects finds a loaded model. uvicorn stops on the signal, letting responses run up to
     ``graceful_timeout`` seconds (the workers drained theirs before the arbiter stops us).
+    A connection idle for ``keep_alive`` seconds (a worker's pooled one) is closed.
     """
     import uvicorn
 
@@ -108,15 +110,17 @@ def serve_once(
         start()
     sock = bind_unix_socket(socket_path, group=group)
     inode = os.stat(socket_path).st_ino
+    app = EngineApp(submitter)
     config = uvicorn.Config(
-        EngineApp(submitter),
+        app,
         lifespan="off",
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=int(graceful_timeout) or None,
-        timeout_keep_alive=60,
+        timeout_keep_alive=max(1, round(keep_alive)),
     )
     server = uvicorn.Server(config)
+    app.connections = lambda: len(server.server_state.connections)
     logger.info("engine process %d serves %s on %s", os.getpid(), target, socket_path)
     # uvicorn re-raises the signal that stopped it once it has restored the handlers it
     # found: with the default ones the process would die there, before the engine
