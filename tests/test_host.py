@@ -450,6 +450,12 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
                 with pytest.raises(AssertionError, match="'in_flight': 1, 'requests': 1"):
                     assert_drained(server.socket, pid, timeout=0.5)
         assert_drained(server.socket, pid)  # closed: the job was cancelled, all is shut
+        # A pooled connection left idle (its client still open) is the engine's to close,
+        # after --keep-alive (LLMBRIDGE_ENGINE_KEEP_ALIVE) seconds.
+        with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket)) as pooled:
+            assert pooled.get("http://engine/llmbridge/v1/health").status_code == 200
+            assert unix_connections(pid, server.socket) == 1
+            assert_drained(server.socket, pid, timeout=10)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bare:
             bare.connect(server.socket)
             with pytest.raises(AssertionError, match="'connections': 1, 'accepted_sockets': 1"):
