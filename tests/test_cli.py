@@ -91,6 +91,19 @@ def test_a_port_in_use_is_one_line() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "2"], "llmbridge demo: --workers needs --shared-engine"),
+        (["--shared-engine", "--workers", "0"], "llmbridge demo: --workers must be at least 1"),
+    ],
+    ids=["workers-alone", "no-workers"],
+)
+def test_demo_worker_options_are_checked_in_one_line(args: list[str], message: str) -> None:
+    """--workers is --shared-engine's, and needs one worker at least."""
+    assert one_line_error(llmbridge("demo", "--port", "0", *args)).startswith(message)
+
+
 @pytest.mark.parametrize("args", [["demo"], ["bench", "batching"]], ids=["demo", "bench"])
 def test_outside_a_clone_demo_and_bench_say_they_need_one(args: list[str], tmp_path: Path) -> None:
     """Installed without the repository (as from a wheel: no examples/, no benchmarks/),

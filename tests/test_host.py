@@ -403,6 +403,35 @@ def test_serve_with_a_bad_target_is_one_line_and_status_2(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_a_supervised_engine_that_cannot_start_is_not_restarted(tmp_path: Path) -> None:
+    """`llmbridge serve nowhere:engine` (supervised) gives up on a target that names
+    nothing (one line, exit 2) instead of restarting it forever, so gunicorn's
+    on_starting (EngineProcess.start) fails at once instead of waiting for it."""
+    from llmbridge.gunicorn import EngineProcess
+
+    result = subprocess.run(
+        [*SERVE[:-2], "host_apps:nothing", "--socket", str(tmp_path / "e.sock")],
+        env=host_env(tmp_path),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("llmbridge serve:")
+    with pytest.MonkeyPatch.context() as patch:
+        # EngineProcess sets the socket variable in this process: restored after.
+        patch.setenv("LLMBRIDGE_ENGINE_SOCKET", str(tmp_path / "e.sock"))
+        patch.setenv("PYTHONPATH", host_env(tmp_path)["PYTHONPATH"])
+        patch.chdir(ROOT)
+        process = EngineProcess("host_apps:nothing")
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            process.start()
+    assert process.proc is None
+
+
 def test_metrics_of_any_worker_are_the_host_figures(server: EngineServer) -> None:
     """LLMBridgeCollector over one worker's client counts what every worker submitted."""
     from prometheus_client import CollectorRegistry, generate_latest

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .console import Interrupts, listen, preview, say
-from .main import checkout
+from .main import CommandError, checkout
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=2,
+        default=None,
         help="gunicorn workers with --shared-engine (default 2)",
     )
     parser.add_argument(
@@ -129,6 +129,8 @@ def _plural(n: int, word: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C; blocks. Returns 0 after a drain, 130 after a second Ctrl-C."""
+    if args.workers is not None and not args.shared_engine:
+        raise CommandError("--workers needs --shared-engine (one process serves otherwise)")
     if args.shared_engine:
         from .demo_shared import run_shared
 

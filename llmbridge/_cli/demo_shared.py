@@ -110,7 +110,8 @@ def _wait_served(base: str, proc: subprocess.Popen[bytes], timeout: float = 60.0
 def run_shared(args: argparse.Namespace, step: float) -> int:
     """Serve the example app on ``args.workers`` workers sharing one engine process until
     Ctrl-C / SIGTERM; blocks. Returns 0 after a graceful stop, 130 after a second one."""
-    if args.workers < 1:
+    workers = 2 if args.workers is None else args.workers
+    if workers < 1:
         raise CommandError("--workers must be at least 1")
     if importlib.util.find_spec("gunicorn") is None:
         raise CommandError('--shared-engine runs gunicorn workers: pip install -e ".[asgi]"')
@@ -134,14 +135,14 @@ def run_shared(args: argparse.Namespace, step: float) -> int:
     try:
         engine.start()
         argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "16"]
-        argv += ["-w", str(args.workers), "--bind", f"fd://{sock.fileno()}"]
+        argv += ["-w", str(workers), "--bind", f"fd://{sock.fileno()}"]
         argv += ["--graceful-timeout", f"{max(args.drain_timeout, 1.0):g}"]
         argv += ["--log-level", "warning", _APP]
         gunicorn = subprocess.Popen(argv, pass_fds=(sock.fileno(),), start_new_session=True)
         sock.close()  # gunicorn holds it now
         _wait_served(base, gunicorn)
         say(
-            f"serving the Flask example app on {base}/ with {args.workers} gunicorn "
+            f"serving the Flask example app on {base}/ with {workers} gunicorn "
             f"workers sharing one engine process (pid {_engine_pid(engine.socket_path)}, "
             f"socket {engine.socket_path}); Ctrl-C to stop"
         )

@@ -25,6 +25,7 @@ from .._core.engine import Submitter
 from .wire import HEALTH_PATH, SOCKET_ENV
 
 __all__ = [
+    "USAGE_ERROR",
     "EngineProcess",
     "default_socket_path",
     "exit_with_parent",
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llmbridge.host")
+
+#: The exit status of an engine process that cannot start (``llmbridge serve``'s one-line
+#: errors): its supervisor gives up instead of restarting it.
+USAGE_ERROR = 2
 
 
 def default_socket_path() -> str:
@@ -149,7 +154,9 @@ def _stopped(signum: int, frame: Any) -> None:
 def supervise(child: Sequence[str], *, restart_delay: float = 0.5, max_delay: float = 10.0) -> int:
     """Run ``child`` (an engine process's command line) and start it again whenever it
     exits unasked, waiting ``restart_delay`` (doubling while it keeps dying within a
-    second, up to ``max_delay``). SIGTERM / SIGINT stop the child and end with 0. Blocks.
+    second, up to ``max_delay``). SIGTERM / SIGINT stop the child and end with 0. A child
+    that exits with :data:`USAGE_ERROR` (it cannot start: a bad target, a socket in use)
+    is not restarted: this returns 2. Blocks.
     """
     # A plain flag, not a threading.Event: the handler runs on the main thread, maybe
     # inside Event.set's own lock, and an Event would deadlock on it.
@@ -177,6 +184,10 @@ def supervise(child: Sequence[str], *, restart_delay: float = 0.5, max_delay: fl
         code = proc.wait()
         if stopped():
             break
+        if code == USAGE_ERROR:
+            # A target that names nothing, a socket another engine serves: it said why
+            # in one line, and starting it again would fail again, forever.
+            return code
         logger.error("the engine process exited with %s; starting a new one", code)
         print(f"llmbridge serve: engine process exited ({code}); restarting", file=sys.stderr)
         delay = min(delay * 2, max_delay) if time.monotonic() - started < 1.0 else restart_delay
