@@ -242,8 +242,8 @@ def test_demo_shared_engine_serves_two_workers_from_one_engine(
 ) -> None:
     """`llmbridge demo --shared-engine --workers 2`: answers come from two worker pids,
     one engine process serves them all (its /stats, read from any worker, counts every
-    worker's requests), and SIGINT / SIGTERM stops it all: exit 0, no process left, the
-    socket and its directory removed."""
+    worker's requests), and SIGINT / SIGTERM stops it all: an open stream finishes,
+    exit 0, no process left, the socket and its directory removed."""
     import httpx
 
     port = free_port()
@@ -298,7 +298,18 @@ def test_demo_shared_engine_serves_two_workers_from_one_engine(
         assert {int(p) for p in pids} <= processes
         engines = [p for p in processes if "--no-restart" in _cmdline(p)]
         assert engines == [engine_pid]  # one engine process, under its supervisor
-        proc.send_signal(stop)
+        # Stopping with a stream open: the workers finish it (its final event), then
+        # everything stops.
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            client.stream("GET", "/v1/stream", params={"prompt": "last", "max_tokens": 80}) as r,
+        ):
+            lines = r.iter_lines()
+            while not next(lines).startswith("data:"):
+                pass
+            proc.send_signal(stop)
+            rest = list(lines)
+        assert "event: done" in rest, rest[-4:]
         assert proc.wait(60) == 0, log.read_text()
         deadline = time.monotonic() + 10
         while _alive_any(processes) and time.monotonic() < deadline:
