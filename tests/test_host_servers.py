@@ -360,3 +360,25 @@ def test_worker_crash_cancels_its_jobs_in_the_engine(host: Host, kind: str) -> N
                 os.kill(step["pids"][0], signal.SIGKILL)
                 host.wait_for(lambda ls: any(x.get("cancelled") == "orphan-1" for x in ls))
         assert_idle(host)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn_worker"])
+def test_arbiter_killed_takes_the_engine_process_with_it(host: Host, kind: str) -> None:
+    """SIGKILL to the gunicorn arbiter (no hook runs): its workers, the supervisor and
+    the engine process all go, and the socket is removed; nothing outlives it."""
+    with gunicorn(host, kind, workers=2) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            workers = {client.get("/pid").json()["pid"] for _ in range(8)}
+        (engine_pid,) = host.loaded()
+        supervisor = _parent(engine_pid)
+        assert _parent(supervisor) == server.proc.pid
+        server.proc.kill()
+        server.proc.wait(10)
+        for pid in (*workers, supervisor, engine_pid):
+            wait_gone(pid)
+        assert not os.path.exists(host.socket)

@@ -31,7 +31,7 @@ from typing import Any
 from .console import Interrupts, listen, preview, say
 from .main import CommandError, checkout
 
-__all__ = ["WORKER_PID_HEADER", "make_engine", "run_shared", "worker_app"]
+__all__ = ["WORKER_PID_HEADER", "make_engine", "run_shared", "when_ready", "worker_app"]
 
 #: The response header naming the worker process that served a request.
 WORKER_PID_HEADER = "X-Worker-Pid"
@@ -79,6 +79,15 @@ def worker_app() -> Any:
         return response
 
     return app
+
+
+def when_ready(server: Any) -> None:
+    """gunicorn's ``when_ready`` hook in the demo's arbiter (its config is this module):
+    the arbiter stops, draining its workers, once the demo that started it is gone,
+    even killed with SIGKILL. Never blocks."""
+    from .._host.process import exit_with_parent
+
+    exit_with_parent()
 
 
 def _engine_pid(socket_path: str) -> int:
@@ -137,7 +146,7 @@ def run_shared(args: argparse.Namespace, step: float) -> int:
         argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "16"]
         argv += ["-w", str(workers), "--bind", f"fd://{sock.fileno()}"]
         argv += ["--graceful-timeout", f"{max(args.drain_timeout, 1.0):g}"]
-        argv += ["--log-level", "warning", _APP]
+        argv += ["--log-level", "warning", "-c", f"python:{__name__}", _APP]
         gunicorn = subprocess.Popen(argv, pass_fds=(sock.fileno(),), start_new_session=True)
         sock.close()  # gunicorn holds it now
         _wait_served(base, gunicorn)

@@ -228,7 +228,8 @@ class EngineProcess:
     :func:`~llmbridge.gunicorn.shared_engine` connects instead of loading a model.
     :meth:`on_starting` starts ``python -m llmbridge serve TARGET`` (a supervisor that
     restarts a crashed engine) and blocks until it answers; :meth:`on_exit`, which
-    gunicorn calls after its workers have drained, stops it. The model is loaded in the
+    gunicorn calls after its workers have drained, stops it; :meth:`post_fork` makes a
+    worker whose arbiter died stop too. The model is loaded in the
     engine process only: never in the arbiter, never before a fork.
     """
 
@@ -301,3 +302,10 @@ class EngineProcess:
     def on_exit(self, server: Any) -> None:
         """gunicorn's ``on_exit`` hook: :meth:`stop`."""
         self.stop()
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        """gunicorn's ``post_fork`` hook: the worker stops (SIGTERM, so it drains) once
+        its arbiter is gone. gthread and sync workers notice that themselves; uvicorn's
+        worker does not, and would serve on, answering 503 without its engine process,
+        after an arbiter killed with SIGKILL (no ``on_exit`` ran). Never blocks."""
+        exit_with_parent()
