@@ -332,6 +332,9 @@ def test_engine_crash_is_a_503_and_the_engine_restarts(host: Host, kind: str) ->
                 after = client.get("/sse", params={"p": "after", "n": 4})
                 if after.status_code == 200 or time.monotonic() > deadline:
                     break
+                # While the new engine process starts: a 503 at once, never a hang.
+                assert after.status_code == 503
+                assert after.headers["content-type"] == "application/problem+json"
                 time.sleep(0.1)
             assert after.status_code == 200
             assert EXPECTED.expected_text("after", 4) in served_text(after)
