@@ -1,23 +1,32 @@
 """One engine per host against one engine per worker: same 4 workers, same load.
 
-Both sides serve the same Flask app (``to_asgi``) under ``uvicorn --workers 4``, with a
-:class:`SimulatedGenerator` per engine that stands for a model on one GPU:
+Both sides serve the same Flask app (``to_asgi``) under ``uvicorn --workers 4``; only
+where the model lives differs. *per-worker*: each worker builds its own engine (no socket
+configured). *shared*: the workers' ``shared_engine(make_engine)`` connects to
+``python -m llmbridge serve`` on a Unix socket. Two backends, each side by side:
 
-- every copy holds ``--model-mb`` of touched memory (its "weights"), and
-- every step holds an ``fcntl`` lock on one file for its whole duration, so the
-  per-worker copies' steps serialise as N model copies on one device do; a step costs
-  ``step_time * batch ** batch_exponent`` (sub-linear: decoding is memory-bound, a
-  larger batch costs little more per step).
+- ``simulated``: a :class:`SimulatedGenerator` that stands for a model on one GPU. Every
+  copy holds ``--model-mb`` of touched memory (its "weights"), and every step holds an
+  ``fcntl`` lock on one file for its whole duration, so the per-worker copies' steps
+  serialise as N model copies on one device do. A step costs
+  ``step_time * batch ** batch_exponent`` (sub-linear: decoding is memory-bound, a larger
+  batch costs little more per step).
+- ``transformers`` (when torch and transformers are installed): a randomly initialised
+  GPT-2 (``--hf-layers`` x ``--hf-width``, no download) on the CPU: real contention, the
+  per-worker copies compete for the same cores.
 
-*per-worker*: each worker builds its own engine (no socket configured). *shared*: the
-workers' ``shared_engine(make_engine)`` connects to ``python -m llmbridge serve`` on a
-Unix socket. The load is closed-loop: ``--streams`` clients, each streaming one request
-after another for ``--seconds``. Reported: tokens/s, p50/p99 time to first token, mean
-batch size per step, total RSS of the processes that hold a model; then the per-chunk
-cost of the process hop against a local engine (one stream, zero-cost steps, in this
-process).
+The load is closed-loop: ``--streams`` clients, each streaming one request after another,
+each asking for a length drawn from [tokens/2, 3*tokens/2] (seeded; real answers differ
+in length, so the streams don't finish in lockstep). By default every request opens a new
+connection, as behind a proxy that doesn't keep connections to the app alive (nginx's
+default): the kernel spreads them over the workers; ``--keep-alive`` pins each client to
+the worker that accepted its connection. After ``--warmup`` seconds, ``--seconds`` of
+steady state are measured: tokens/s and mean batch from every model-holding process's
+own step log (every step appends its time, batch size and tokens), p50/p99 time to first
+token of the requests begun in the window, total RSS of the model-holding processes.
+Then the per-chunk cost of the process hop against a local engine.
 
-Run: python benchmarks/shared_engine.py [--streams 64] [--seconds 8] [--model-mb 200]
+Run: python benchmarks/shared_engine.py [--backend both] [--streams 64] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import json
 import os
+import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -45,10 +55,23 @@ UVICORN = [sys.executable, "-m", "uvicorn", "shared_engine:asgi_app", "--log-lev
 # -- the app both sides serve (built lazily: the driver imports this module too) ----------
 
 
-def make_engine() -> Any:
-    """An engine over a device-sharing SimulatedGenerator (what holds the model)."""
-    from llmbridge import Engine
-    from llmbridge.backends import StepBackend
+def _log_steps(generator: Any) -> None:
+    """Append ``time batch tokens`` to this process's step log after every step."""
+    log = open(os.path.join(os.environ["BENCH_DIR"], f"steps-{os.getpid()}.log"), "a")  # noqa: SIM115
+    iterate = generator.iterate
+
+    def logged() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = iterate()
+        tokens = sum(len(r.get("token_ids") or ()) for r in results)
+        if results:
+            log.write(f"{time.time():.6f} {len(results)} {tokens}\n")
+            log.flush()
+        return results
+
+    generator.iterate = logged
+
+
+def _simulated_generator() -> Any:
     from llmbridge.testing import SimulatedGenerator
 
     class DeviceGenerator(SimulatedGenerator):
@@ -58,32 +81,59 @@ def make_engine() -> Any:
             for i in range(0, len(self.weights), 4096):
                 self.weights[i] = 1  # touch every page: resident, like loaded weights
             self.lock = open(os.environ["BENCH_DEVICE_LOCK"], "a")  # noqa: SIM115
-            self.report = os.path.join(os.environ["BENCH_DIR"], f"steps-{os.getpid()}.json")
-            self.batched = 0
-            self.stepped = 0
 
         def iterate(self) -> list[dict[str, Any]]:
-            n = self.jobs_in_flight
             fcntl.flock(self.lock, fcntl.LOCK_EX)  # one device: one step at a time
             try:
-                results = super().iterate()
+                return super().iterate()
             finally:
                 fcntl.flock(self.lock, fcntl.LOCK_UN)
-            if n:
-                self.batched += n
-                self.stepped += 1
-                if self.stepped % 20 == 0:
-                    self.save()
-            return results
 
-        def save(self) -> None:
-            with open(self.report, "w") as f:
-                json.dump({"pid": os.getpid(), "steps": self.stepped, "jobs": self.batched}, f)
-
-    generator = DeviceGenerator(
-        step_time=float(os.environ.get("BENCH_STEP", "0.05")),
+    return DeviceGenerator(
+        step_time=float(os.environ.get("BENCH_STEP", "0.1")),
         batch_exponent=float(os.environ.get("BENCH_EXPONENT", "0.25")),
     )
+
+
+def _transformers_generator() -> Any:
+    import torch
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from llmbridge.backends import TransformersGenerator
+
+    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    width = int(os.environ.get("BENCH_HF_WIDTH", "256"))
+    config = transformers.GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=512,
+        n_embd=width,
+        n_layer=int(os.environ.get("BENCH_HF_LAYERS", "4")),
+        n_head=max(1, width // 64),
+        bos_token_id=1,
+        eos_token_id=None,  # random weights: never stop early, every answer its full length
+        pad_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    return TransformersGenerator(model, tokenizer, max_new_tokens=512)
+
+
+def make_engine() -> Any:
+    """The engine over the chosen backend (what holds the model); logs every step."""
+    from llmbridge import Engine
+    from llmbridge.backends import StepBackend
+
+    kind = os.environ.get("BENCH_BACKEND", "simulated")
+    generator = _simulated_generator() if kind == "simulated" else _transformers_generator()
+    _log_steps(generator)
     with open(os.path.join(os.environ["BENCH_DIR"], f"model-{os.getpid()}"), "w"):
         pass  # this process holds a model
     backend = StepBackend(generator, generator.make_job, max_batch_size=256)
@@ -120,16 +170,19 @@ def __getattr__(name: str) -> Any:
 # -- the driver ------------------------------------------------------------------------
 
 
-def _env(folder: Path, args: argparse.Namespace) -> dict[str, str]:
+def _env(folder: Path, args: argparse.Namespace, backend: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("LLMBRIDGE_ENGINE_SOCKET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE)])
     env.update(
+        BENCH_BACKEND=backend,
         BENCH_DIR=str(folder),
         BENCH_DEVICE_LOCK=str(folder / "device.lock"),
         BENCH_MODEL_MB=str(args.model_mb),
         BENCH_STEP=str(args.step_time),
         BENCH_EXPONENT=str(args.batch_exponent),
+        BENCH_HF_LAYERS=str(args.hf_layers),
+        BENCH_HF_WIDTH=str(args.hf_width),
     )
     return env
 
@@ -152,23 +205,38 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _load(url: str, streams: int, seconds: float, tokens: int) -> dict[str, Any]:
+async def _load(
+    url: str,
+    streams: int,
+    warmup: float,
+    seconds: float,
+    tokens: int,
+    keep_alive: bool,
+    servers: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    """Closed-loop load; returns the window's wall-clock bounds, client figures and the
+    CPU seconds the ``servers`` process trees spent in the window."""
     import httpx
+    from _proctree import cpu_seconds
 
     ttfts: list[float] = []
-    produced = 0
-    errors = 0
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=streams + 8)
+    completed = errors = 0
+    began_at = time.monotonic()
+    w0, w1 = began_at + warmup, began_at + warmup + seconds
+    pool = streams + 8
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool if keep_alive else 0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def one(i: int) -> None:
-            nonlocal produced, errors
+            nonlocal completed, errors
+            rng = random.Random(i)
             n = 0
-            while time.monotonic() < deadline:
+            while time.monotonic() < w1:
+                length = rng.randint(max(1, tokens // 2), max(1, tokens * 3 // 2))
+                params = {"p": f"c{i}-{n}", "n": length}
+                n += 1
                 began = time.monotonic()
                 first = None
-                params = {"p": f"c{i}-{n}", "n": tokens}
                 async with client.stream("GET", "/sse", params=params) as r:
                     if r.status_code != 200:
                         errors += 1
@@ -177,23 +245,57 @@ async def _load(url: str, streams: int, seconds: float, tokens: int) -> dict[str
                     async for line in r.aiter_lines():
                         if first is None and line.startswith("data:"):
                             first = time.monotonic() - began
+                            if w0 <= began < w1:
+                                ttfts.append(first)
                         if line.startswith("event: done"):
-                            produced += tokens
-                    if first is not None:
-                        ttfts.append(first)
-                n += 1
+                            completed += 1
+                        elif line.startswith("event: error"):
+                            errors += 1
+                        if time.monotonic() >= w1:
+                            break  # past the window: leave (the request is cancelled)
 
-        started = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(streams)))
-        elapsed = time.monotonic() - started
+        async def account() -> float:
+            await asyncio.sleep(max(0.0, w0 - time.monotonic()))
+            before = cpu_seconds(*servers)
+            await asyncio.sleep(max(0.0, w1 - time.monotonic()))
+            return cpu_seconds(*servers) - before
+
+        cpu, *_ = await asyncio.gather(account(), *(one(i) for i in range(streams)))
     ttfts.sort()
+    now_wall, now_mono = time.time(), time.monotonic()
     return {
-        "tokens_per_s": produced / elapsed,
+        "window": (now_wall - (now_mono - w0), now_wall - (now_mono - w1)),
         "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else float("nan"),
         "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]
         if ttfts
         else float("nan"),
+        "completed": completed,
         "errors": errors,
+        "cpu_s": cpu,
+    }
+
+
+def _steps_in(folder: Path, window: tuple[float, float]) -> dict[str, float]:
+    """Tokens/s and mean batch over the window, from every model process's step log."""
+    steps = jobs = tokens = 0
+    each = []  # mean batch of each model process: how evenly the load spread
+    for log in folder.glob("steps-*.log"):
+        mine = [0, 0]
+        for line in log.read_text().splitlines():
+            at, batch, produced = line.split()
+            if window[0] <= float(at) < window[1]:
+                mine[0] += 1
+                mine[1] += int(batch)
+                tokens += int(produced)
+        steps += mine[0]
+        jobs += mine[1]
+        if mine[0]:
+            each.append(mine[1] / mine[0])
+    return {
+        "tokens_per_s": tokens / (window[1] - window[0]),
+        "mean_batch": jobs / steps if steps else float("nan"),
+        "batch_each": sorted(each, reverse=True),
+        "steps": steps,
     }
 
 
@@ -209,11 +311,11 @@ def _wait_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(port)
 
 
-def run_side(shared: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_side(backend: str, shared: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One configuration: start it, warm it, load it, measure it, stop it."""
     with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
         folder = Path(tmp)
-        env = _env(folder, args)
+        env = _env(folder, args, backend)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             if shared:
@@ -226,7 +328,7 @@ def run_side(shared: bool, args: argparse.Namespace) -> dict[str, Any]:
                     cwd=str(HERE),
                 )
                 procs.append(engine)
-                wait_ready(sock, timeout=60, proc=engine)
+                wait_ready(sock, timeout=120, proc=engine)
                 env["LLMBRIDGE_ENGINE_SOCKET"] = sock
             port = _free_port()
             server = subprocess.Popen(
@@ -235,22 +337,18 @@ def run_side(shared: bool, args: argparse.Namespace) -> dict[str, Any]:
                 cwd=str(HERE),
             )
             procs.append(server)
-            _wait_port(port)
+            _wait_port(port, 120)
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(_load(url, args.workers * 2, 1.5, 4))  # warm every worker
-            for report in folder.glob("steps-*.json"):
-                report.unlink()
-            result = asyncio.run(_load(url, args.streams, args.seconds, args.tokens))
+            # Warm every worker (imports, and a per-worker engine builds its model).
+            asyncio.run(_load(url, args.workers * 4, 0.0, 2.0, 4, False))
+            load = (args.streams, args.warmup, args.seconds, args.tokens, args.keep_alive)
+            result = asyncio.run(_load(url, *load, tuple(p.pid for p in procs)))
             holders = [int(p.name.split("-")[1]) for p in folder.glob("model-*")]
             result["model_processes"] = len(holders)
             result["model_rss_mb"] = sum(_rss_mb(pid) for pid in holders)
-            time.sleep(0.5)
-            steps = jobs = 0
-            for report in folder.glob("steps-*.json"):
-                data = json.loads(report.read_text())
-                steps += data["steps"]
-                jobs += data["jobs"]
-            result["mean_batch"] = jobs / steps if steps else float("nan")
+            result.update(_steps_in(folder, result["window"]))
+            tokens = result["tokens_per_s"] * args.seconds
+            result["cpu_us_per_token"] = 1e6 * result["cpu_s"] / tokens if tokens else float("nan")
             return result
         finally:
             for proc in reversed(procs):
@@ -263,92 +361,185 @@ def run_side(shared: bool, args: argparse.Namespace) -> dict[str, Any]:
                         proc.wait()
 
 
-def hop_cost(tokens: int = 3000) -> dict[str, float]:
-    """Microseconds per token (one token per step, each sent as its own chunk) of one
-    stream: a local engine vs the same engine behind the socket (zero-cost steps, read
-    in a thread; best of 3)."""
+def hop_cost(streams: int = 64, tokens: int = 200, step: float = 0.005) -> dict[str, float]:
+    """CPU per chunk of ``streams`` streams read by coroutines: a local engine against the
+    same engine behind the socket (this process plus the engine process). Steps cost a
+    fixed ``step`` (no CPU: a sleep), long enough that every token is a chunk of its own.
+    """
+    from _proctree import cpu_seconds
+
     from llmbridge import Engine
     from llmbridge._host.process import wait_ready
     from llmbridge.backends import StepBackend
     from llmbridge.gunicorn import EngineClient
     from llmbridge.testing import SimulatedGenerator
 
-    def per_chunk(engine: Any) -> float:
-        best = float("inf")
-        for _ in range(3):
-            began = time.perf_counter()
-            text = "".join(engine.submit("hop", max_new_tokens=tokens))
-            assert text
-            best = min(best, (time.perf_counter() - began) / tokens * 1e6)
-        return best
+    def measure(engine: Any, others: tuple[int, ...] = ()) -> dict[str, float]:
+        async def read(i: int) -> int:
+            chunks = 0
+            async for _ in engine.submit(f"hop {i}", max_new_tokens=tokens):
+                chunks += 1
+            return chunks
 
-    generator = SimulatedGenerator(step_time=0.0, max_new_tokens=tokens)
-    with Engine(StepBackend(generator, generator.make_job)) as local:
-        local_us = per_chunk(local)
+        async def run() -> int:
+            return sum(await asyncio.gather(*(read(i) for i in range(streams))))
+
+        asyncio.run(run())  # warm: connections, imports
+        before = _self_cpu() + cpu_seconds(*others)
+        began = time.perf_counter()
+        chunks = asyncio.run(run())
+        wall = time.perf_counter() - began
+        cpu = _self_cpu() + cpu_seconds(*others) - before
+        return {"cpu_us": 1e6 * cpu / chunks, "chunks": chunks, "wall_s": wall}
+
+    def generator() -> SimulatedGenerator:
+        return SimulatedGenerator(step_time=step, batch_exponent=0.0, max_new_tokens=tokens)
+
+    gen = generator()
+    with Engine(StepBackend(gen, gen.make_job, max_batch_size=256)) as local:
+        local_figures = measure(local)
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
         sock = os.path.join(tmp, "engine.sock")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         code = (
-            "from llmbridge.testing import simulated_engine\n"
-            f"engine = simulated_engine(step_time=0.0, max_new_tokens={tokens})\n"
+            "from llmbridge import Engine\n"
+            "from llmbridge.backends import StepBackend\n"
+            "from llmbridge.testing import SimulatedGenerator\n"
+            f"gen = SimulatedGenerator(step_time={step}, batch_exponent=0.0, "
+            f"max_new_tokens={tokens})\n"
+            "engine = Engine(StepBackend(gen, gen.make_job, max_batch_size=256))\n"
         )
         Path(tmp, "hop_target.py").write_text(code)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), tmp])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), tmp]))
         proc = subprocess.Popen(
-            [*SERVE, "hop_target:engine", "--socket", sock, "--no-restart"],
-            env=env,
-            cwd=tmp,
+            [*SERVE, "hop_target:engine", "--socket", sock, "--no-restart"], env=env, cwd=tmp
         )
         try:
             wait_ready(sock, timeout=60, proc=proc)
             client = EngineClient(sock)
             try:
-                hop_us = per_chunk(client)
+                hop_figures = measure(client, (proc.pid,))
             finally:
                 client.close(5)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    return {"local_us": local_us, "hop_us": hop_us}
+    return {
+        "local_us": local_figures["cpu_us"],
+        "hop_us": hop_figures["cpu_us"],
+        "local_chunks": local_figures["chunks"],
+        "hop_chunks": hop_figures["chunks"],
+        "local_wall": local_figures["wall_s"],
+        "hop_wall": hop_figures["wall_s"],
+    }
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the repeats (errors summed)."""
+    out = dict(runs[0])
+    figures = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "mean_batch", "model_rss_mb")
+    for key in (*figures, "cpu_us_per_token"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
+
+
+def _has_transformers() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["simulated", "transformers", "both"], default="both")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--tokens", type=int, default=32, help="mean tokens per answer")
+    parser.add_argument("--keep-alive", action="store_true", help="one connection per client")
     parser.add_argument("--model-mb", type=int, default=200)
-    parser.add_argument("--step-time", type=float, default=0.05)
+    parser.add_argument("--step-time", type=float, default=0.1)
     parser.add_argument("--batch-exponent", type=float, default=0.25)
+    parser.add_argument("--hf-layers", type=int, default=4)
+    parser.add_argument("--hf-width", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side, interleaved")
+    parser.add_argument("--no-hop", action="store_true", help="skip the per-chunk hop cost")
     args = parser.parse_args()
-    sides = {"per-worker": run_side(False, args), "shared": run_side(True, args)}
+    backends = ["simulated", "transformers"] if args.backend == "both" else [args.backend]
+    if "transformers" in backends and not _has_transformers():
+        if args.backend == "transformers":
+            sys.exit("the transformers rows need torch and transformers installed")
+        backends.remove("transformers")
+        print("(transformers rows not run: torch or transformers is not installed)")
     print(
-        f"{args.workers} workers, {args.streams} closed-loop streams of {args.tokens} tokens, "
-        f"{args.seconds:g} s; step = {args.step_time} s x batch^{args.batch_exponent}, "
-        f"one device (steps serialise), {args.model_mb} MB per model copy\n"
+        f"{args.workers} workers, {args.streams} closed-loop streams of ~{args.tokens} tokens, "
+        f"{'kept-alive connections' if args.keep_alive else 'a connection per request'}; "
+        f"{args.seconds:g} s measured after {args.warmup:g} s, medians of {args.repeat} "
+        f"interleaved runs; load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
-    print("| engines | tokens/s | TTFT p50 | TTFT p99 | mean batch | model processes | model RSS |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in sides.items():
-        print(
-            f"| {name} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} ms "
-            f"| {r['ttft_p99_ms']:.0f} ms | {r['mean_batch']:.1f} | {r['model_processes']} "
-            f"| {r['model_rss_mb']:.0f} MB |"
+    print(
+        f"simulated: step = {args.step_time} s x batch^{args.batch_exponent}, one device "
+        f"(steps serialise), {args.model_mb} MB per model copy; transformers: GPT-2 "
+        f"{args.hf_layers} layers x {args.hf_width}, random weights, CPU\n"
+    )
+    print(
+        "| backend | engines | tokens/s | TTFT p50 | TTFT p99 | mean batch | model processes "
+        "| model RSS | server CPU per token | errors |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for backend in backends:
+        runs: dict[str, list[dict[str, Any]]] = {"one per worker": [], "one shared": []}
+        for _ in range(args.repeat):  # interleaved: drift in the machine's load hits both
+            for name in runs:
+                runs[name].append(run_side(backend, name == "one shared", args))
+        sides = {name: _median_run(rs) for name, rs in runs.items()}
+        for name, r in sides.items():
+            print(
+                f"| {backend} | {name} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} ms "
+                f"| {r['ttft_p99_ms']:.0f} ms | {r['mean_batch']:.1f} | {r['model_processes']} "
+                f"| {r['model_rss_mb']:.0f} MB | {r['cpu_us_per_token']:.0f} us "
+                f"| {r['errors']} |",
+                flush=True,
+            )
+        a, b = sides["one per worker"], sides["one shared"]
+        each = "; ".join(
+            ", ".join(f"{x:.1f}" for x in r["batch_each"]) for r in runs["one per worker"]
         )
-    a, b = sides["per-worker"], sides["shared"]
-    print(
-        f"\nshared / per-worker: {b['tokens_per_s'] / a['tokens_per_s']:.2f}x tokens/s, "
-        f"{b['model_rss_mb'] / a['model_rss_mb']:.2f}x model memory; "
-        f"errors {a['errors']} / {b['errors']}"
-    )
-    hop = hop_cost()
-    print(
-        f"per token, one stream, zero-cost steps: local engine {hop['local_us']:.0f} us, "
-        f"through the socket {hop['hop_us']:.0f} us (+{hop['hop_us'] - hop['local_us']:.0f} us"
-        f" = {100 * (hop['hop_us'] - hop['local_us']) / (args.step_time * 1e6):.2f}% of one "
-        f"{args.step_time * 1000:g} ms step)"
-    )
+        per_run = ", ".join(
+            f"{s['tokens_per_s'] / p['tokens_per_s']:.2f}x"
+            for p, s in zip(runs["one per worker"], runs["one shared"], strict=True)
+        )
+        ratios.append(f"{backend}: the per-worker engines' mean batches, run by run: {each}")
+        ratios.append(
+            f"{backend}: shared / per-worker {b['tokens_per_s'] / a['tokens_per_s']:.2f}x "
+            f"tokens/s (medians; run by run {per_run}), "
+            f"{b['model_rss_mb'] / a['model_rss_mb']:.2f}x model memory"
+        )
+    print()
+    for line in ratios:
+        print(line)
+    if not args.no_hop:
+        hop = hop_cost()
+        print(
+            f"CPU per chunk, 64 streams read by coroutines, 5 ms steps: local engine "
+            f"{hop['local_us']:.1f} us ({hop['local_chunks']:.0f} chunks, "
+            f"{hop['local_wall']:.2f} s), through the socket {hop['hop_us']:.1f} us "
+            f"({hop['hop_chunks']:.0f} chunks, {hop['hop_wall']:.2f} s): "
+            f"+{hop['hop_us'] - hop['local_us']:.1f} us a chunk, "
+            f"{100 * (hop['hop_us'] - hop['local_us']) / (1e6 * args.step_time):.3f}% of one "
+            f"{1000 * args.step_time:g} ms step"
+        )
 
 
 if __name__ == "__main__":

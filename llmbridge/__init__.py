@@ -26,6 +26,7 @@ from ._exceptions import (
     SlowConsumer,
     Timeout,
     UpstreamError,
+    UpstreamRejected,
 )
 from ._sansio.reqlog import JsonLogFormatter
 
@@ -54,6 +55,7 @@ __all__ = [
     "Submitter",
     "Timeout",
     "UpstreamError",
+    "UpstreamRejected",
     "__version__",
     "locked",
 ]

@@ -7,6 +7,7 @@ seconds::
 
     LLMBridgeError                 500
     ├── BadRequest                 400  the request itself is wrong: fix it, don't retry
+    │   └── UpstreamRejected       4xx  an HTTP upstream refused the request: its own 4xx
     ├── Cancelled                  499  the consumer (or a deadline) cancelled the request
     ├── EngineClosed               503  the engine stopped admitting: it is shutting down
     ├── Overloaded                 503  the queue is full: retry after ``retry_after``
@@ -15,7 +16,7 @@ seconds::
     ├── SlowConsumer               503  the reader fell ``max_unread`` characters behind
     ├── Timeout                    504  a queue, first-token or total deadline passed
     └── BackendError               502  the backend failed this request
-        ├── UpstreamError          502  an HTTP upstream answered with an error
+        ├── UpstreamError          502  an HTTP upstream failed (429 when it said 429)
         └── ConcurrentEntryError   500  two threads entered a single-owner object at once
 
 ``retryable`` tells the retry policy whether trying again may help. ``public`` tells the
@@ -40,6 +41,7 @@ __all__ = [
     "SlowConsumer",
     "Timeout",
     "UpstreamError",
+    "UpstreamRejected",
 ]
 
 
@@ -90,6 +92,43 @@ class BadRequest(LLMBridgeError):
 
     status = 400
     title = "Bad request"
+
+
+#: The longest an upstream's error field may be when it is relayed to a client.
+MAX_RELAYED_CHARS = 1_000
+
+
+class UpstreamRejected(BadRequest):
+    """An HTTP upstream refused the request itself: it answered a 4xx (not 401, 403 or
+    429) whose body is an OpenAI error object, a message written for the API client.
+
+    ``status`` and ``upstream_status`` are the upstream's status (400, 404, 409, 413,
+    422, ...); ``error_object`` holds the error object's ``message``, ``type``, ``param``
+    and ``code`` only (each a string of at most :data:`MAX_RELAYED_CHARS` characters, or
+    ``None``); ``message`` is its message, and it is ``public``: the ``/v1`` routes relay
+    the error object with the same status, the bridges put the message in the problem's
+    ``detail``. It is not the upstream's failure: no failover, no breaker count, no retry.
+    """
+
+    title = "Rejected by the upstream"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        upstream_status: int = 400,
+        error_object: dict[str, str | None] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.status = upstream_status if 400 <= upstream_status <= 499 else 400
+        fields = dict(error_object or {})
+        self.error_object: dict[str, str | None] = {
+            "message": fields.get("message") or self.message,
+            "type": fields.get("type"),
+            "param": fields.get("param"),
+            "code": fields.get("code"),
+        }
 
 
 class Cancelled(LLMBridgeError):
@@ -161,8 +200,9 @@ class UpstreamError(BackendError):
     """An HTTP upstream answered with an error status or broke the connection.
 
     ``upstream_status`` is the upstream's status code (``None`` when the connection broke).
-    429 and 5xx answers are ``retryable``. ``summary`` is the client-safe part of
-    ``message`` (our words, without the upstream's text).
+    429 and 5xx answers are ``retryable``. A 429 keeps its ``status`` (429, not 502): the
+    client is told to slow down, with the upstream's ``retry_after``. ``summary`` is the
+    client-safe part of ``message`` (our words, without the upstream's text).
     """
 
     title = "Upstream error"
@@ -178,6 +218,8 @@ class UpstreamError(BackendError):
     ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.upstream_status = upstream_status
+        if upstream_status == 429:
+            self.status = 429
         self.retryable = retryable
         self.summary = summary
 

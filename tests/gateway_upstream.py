@@ -12,7 +12,12 @@ directly. ``max_tokens`` cuts answers (``finish_reason: "length"``).
 ``GET /v1/_requests`` lists every body received (what a gateway forwarded);
 ``DELETE /v1/_requests`` forgets them. Knobs (environment): ``UPSTREAM_NAME`` (in
 ``system_fingerprint`` and the ``x-upstream`` header), ``TOKEN_DELAY`` (seconds between
-streamed chunks, and before a whole answer).
+streamed chunks, and before a whole answer), ``RETRY_AFTER`` (its 429s' header).
+
+A request whose last message (or prompt) is ``upstream-error:<kind>`` gets the error
+:data:`ERRORS` names instead, streamed or not, as real upstreams answer them: an OpenAI
+error object (with fields a client must not see), a 401 that echoes part of the key, an
+HTML 404 (a wrong base URL), a 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,81 @@ DELAY = float(os.environ.get("TOKEN_DELAY", "0"))
 CREATED = 1_700_000_000
 FINGERPRINT = f"fp_{NAME}"
 RECEIVED: list[dict[str, Any]] = []
+RETRY_AFTER = os.environ.get("RETRY_AFTER", "7")
+LONG = "x" * 5_000
+
+#: kind -> (status, body, content type) of the errors a request can ask for.
+ERRORS: dict[str, tuple[int, str, str]] = {
+    "400": (
+        400,
+        json.dumps(
+            {
+                "error": {
+                    "message": "Invalid schema for function 'get_weather': 'days' is not valid.",
+                    "type": "invalid_request_error",
+                    "param": "tools[0].function.parameters",
+                    "code": "invalid_function_parameters",
+                    "internal": "upstream-secret-trace",
+                },
+                "trace": "upstream-secret-trace",
+            }
+        ),
+        "application/json",
+    ),
+    "400long": (
+        400,
+        json.dumps({"error": {"message": LONG, "type": LONG, "param": None, "code": 400}}),
+        "application/json",
+    ),
+    "404": (
+        404,
+        json.dumps(
+            {
+                "error": {
+                    "message": "The model 'nope' does not exist.",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                }
+            }
+        ),
+        "application/json",
+    ),
+    "422": (
+        422,
+        json.dumps({"error": {"message": "max_tokens is too large: 99999.", "code": None}}),
+        "application/json",
+    ),
+    "401": (
+        401,
+        json.dumps(
+            {
+                "error": {
+                    "message": "Incorrect API key provided: sk-up****ream.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
+        ),
+        "application/json",
+    ),
+    "404html": (404, "<html><body><h1>404 Not Found (nginx)</h1></body></html>", "text/html"),
+    "429": (
+        429,
+        json.dumps({"error": {"message": "Rate limit reached for sk-up****ream.", "code": None}}),
+        "application/json",
+    ),
+}
+
+
+def _error_kind(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    last = messages[-1].get("content") if isinstance(messages, list) and messages else None
+    marker = last if isinstance(last, str) else body.get("prompt")
+    if isinstance(marker, str) and marker.startswith("upstream-error:"):
+        return marker.split(":", 1)[1]
+    return None
 
 
 def example(schema: Any, defs: dict[str, Any] | None = None) -> Any:
@@ -365,6 +445,12 @@ async def generate(request: Request) -> Response:
     RECEIVED.append(body)
     chat = request.url.path.endswith("/chat/completions")
     headers = {"x-upstream": NAME}
+    kind = _error_kind(body)
+    if kind is not None:
+        status, text, media_type = ERRORS[kind]
+        if status == 429:
+            headers["retry-after"] = RETRY_AFTER
+        return Response(text, status_code=status, media_type=media_type, headers=headers)
     if body.get("stream"):
         return StreamingResponse(
             streamed(body, chat), media_type="text/event-stream", headers=headers

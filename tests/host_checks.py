@@ -4,15 +4,18 @@
 
 * the engine process's own figures (``GET /llmbridge/v1/stats``, asked on a connection
   of its own that is closed at once): ``queued`` and ``in_flight`` jobs, ``requests``
-  (HTTP requests it is serving) and ``connections`` (uvicorn's open client connections),
-  the stats request and its connection left out;
-* the kernel's: the connections the engine process accepted on its socket and still
+  (HTTP requests it is serving) and ``connections`` (uvicorn's open client connections)
+  on its HTTP socket, the stats request and its connection left out, and
+  ``stream_connections`` (submits open on its stream socket, where workers submit);
+* the kernel's: the connections the engine process accepted on either socket and still
   holds, counted from ``/proc/<pid>/fd`` against ``/proc/net/unix`` (a socket there in
-  state connected whose address is the engine's socket path: an accepted one; its
-  listening socket is not connected, and its event loops' socketpairs have no address;
-  the stats connection is counted until the engine closed it, which the poll waits out).
+  state connected whose address is one of the engine's socket paths: an accepted one;
+  its listening sockets are not connected, and its event loops' socketpairs have no
+  address; the stats connection is counted until the engine closed it, which the poll
+  waits out).
 
-Workers keep idle connections to the engine in their pools between requests; the tests
+Workers keep idle HTTP connections to the engine in their pools (the stats a worker's
+``/metrics`` reads); the tests
 run the engine process with ``LLMBRIDGE_ENGINE_KEEP_ALIVE=1``, so it closes those one
 second after their last response, and "0 connections" then means every connection,
 pooled ones included, not just the busy ones.
@@ -26,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from llmbridge._host.streams import stream_socket_path
 from llmbridge._host.wire import STATS_PATH
 
 #: The engine process's keep-alive in the tests (seconds): idle pooled connections close.
@@ -45,7 +49,9 @@ def engine_stats(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def unix_connections(pid: int, socket_path: str) -> int:
-    """How many connections process ``pid`` accepted on ``socket_path`` and holds open."""
+    """How many connections process ``pid`` accepted on ``socket_path`` (or on its stream
+    socket beside it) and holds open."""
+    paths = {socket_path, stream_socket_path(socket_path)}
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -59,7 +65,7 @@ def unix_connections(pid: int, socket_path: str) -> int:
         connected = {
             f[6]
             for f in (line.split() for line in table)
-            if f[5] == _CONNECTED and len(f) > 7 and f[7] == socket_path
+            if f[5] == _CONNECTED and len(f) > 7 and f[7] in paths
         }
     return len(inodes & connected)
 
@@ -72,6 +78,7 @@ def leftovers(socket_path: str, pid: int) -> dict[str, Any]:
         "in_flight": stats["in_flight"],
         "requests": stats["requests"],
         "connections": stats["connections"],
+        "stream_connections": stats["stream_connections"],
         "accepted_sockets": unix_connections(pid, socket_path),
     }
 

@@ -10,6 +10,7 @@ LangChain's ``ChatOpenAI`` and LlamaIndex's ``OpenAILike`` as clients.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import operator
@@ -20,7 +21,10 @@ import httpx
 import openai
 import pytest
 
-from support import PYTHON, Server, free_port, run_server
+from llmbridge import Engine, UpstreamError
+from llmbridge.backends import OpenAIBackend, Upstream
+
+from support import PYTHON, Server, free_port, run_server, wait_until
 
 MODEL = "gpt-test"
 
@@ -404,3 +408,313 @@ def test_bridge_chat_streams_without_a_dummy_prompt(upstream: Server, gateway: S
     assert "".join(texts) == "Answer 0: hello from the fake upstream."
     assert sent["messages"] == [{"role": "user", "content": "Hi"}]
     assert "prompt" not in sent
+
+
+# --- An upstream's own errors: relayed 4xx, our key refused, an HTML 404, 429 everywhere ---
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Server, Server]]:
+    """Two fake upstreams; their 429s ask to wait 9 and 4 seconds."""
+    servers = []
+    with contextlib.ExitStack() as stack:
+        for name, after in (("a", "9"), ("b", "4")):
+            port = free_port()
+            args = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
+                    "--no-access-log", "gateway_upstream:app"]  # fmt: skip
+            env = {"UPSTREAM_NAME": name, "RETRY_AFTER": after}
+            servers.append(stack.enter_context(run_server(args, port=port, env=env)))
+        yield servers[0], servers[1]
+
+
+@pytest.fixture(scope="module", params=["flask", "quart"])
+def paired(request: pytest.FixtureRequest, pair: tuple[Server, Server]) -> Iterator[Server]:
+    """A gateway over both upstreams whose breakers open at the first failure that counts
+    (``FAILURES=1``) and close at once (``COOLDOWN=0``): ``/stats`` shows every count."""
+    port = free_port()
+    if request.param == "flask":
+        args = [PYTHON, "-m", "gunicorn", "-k", "gthread", "--threads", "16", "-w", "1",
+                "-b", "127.0.0.1:{port}", "gateway_apps:app"]  # fmt: skip
+    else:
+        args = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}",
+                "--no-access-log", "gateway_apps:app"]  # fmt: skip
+    env = {
+        "GATEWAY_APP": request.param,
+        "UPSTREAM_URLS": ",".join(f"{u.url}/v1" for u in pair),
+        "FAILURES": "1",
+        "COOLDOWN": "0",
+    }
+    with run_server(args, port=port, env=env) as server:
+        yield server
+
+
+def _hits(pair: tuple[Server, Server]) -> list[int]:
+    """How many requests each upstream received since the last :func:`_forget`."""
+    return [len(_received(u)) for u in pair]
+
+
+def _forget(pair: tuple[Server, Server]) -> None:
+    for u in pair:
+        httpx.delete(f"{u.url}/v1/_requests", timeout=10)
+
+
+def _counters(gateway: Server) -> list[tuple[int, int, int]]:
+    stats = httpx.get(f"{gateway.url}/stats", timeout=10).json()
+    return [(u["failures"], u["failovers"], u["cooldowns"]) for u in stats["upstreams"]]
+
+
+def _sdk(gateway: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0, timeout=30)
+
+
+def _ask(client: openai.OpenAI, marker: str, *, kind: str = "chat", stream: bool = False,
+         **extra: Any) -> None:  # fmt: skip
+    """One request whose text is ``marker``, read to its end (a stream's too)."""
+    if stream:
+        extra["stream"] = True
+    if kind == "chat":
+        messages: Any = [{"role": "user", "content": marker}]
+        answer: Any = client.chat.completions.create(model=MODEL, messages=messages, **extra)
+    else:
+        answer = client.completions.create(model=MODEL, prompt=marker, **extra)
+    if stream:
+        list(answer)
+
+
+def _create(client: openai.OpenAI, kind: str, stream: bool) -> None:
+    tools = {"tools": [WEATHER]} if kind == "chat" else {}
+    _ask(client, "upstream-error:400", kind=kind, stream=stream, **tools)
+
+
+@pytest.mark.timeout(60)
+def test_an_upstream_400_reaches_the_sdk_as_its_own_bad_request(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """An upstream's 400 with an OpenAI error object (an invalid tool schema) arrives as
+    ``openai.BadRequestError`` with the upstream's message, type, param and code and no
+    other field (what else the upstream put in its body stays behind); chat and
+    completions, streamed and not."""
+    with _sdk(paired) as client:
+        for kind in ("chat", "completion"):
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as info:
+                    _create(client, kind, stream)
+                error = info.value
+                assert error.status_code == 400
+                assert error.response.headers["content-type"].startswith("application/json")
+                assert error.body == {
+                    "message": "Invalid schema for function 'get_weather': 'days' is not valid.",
+                    "type": "invalid_request_error",
+                    "param": "tools[0].function.parameters",
+                    "code": "invalid_function_parameters",
+                }
+                assert error.param == "tools[0].function.parameters"
+                assert error.code == "invalid_function_parameters"
+                assert "upstream-secret-trace" not in error.response.text
+                assert set(error.response.json()) == {"error"}
+
+
+@pytest.mark.timeout(60)
+def test_other_upstream_4xx_keep_their_status_and_are_capped(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """A 404 (model not found) and a 422 keep their status (the SDK's NotFoundError and
+    UnprocessableEntityError); a 5,000-character message or type is cut to 1,000, an
+    integer code (llama.cpp's server, vLLM) comes as its digits."""
+    messages: Any = [{"role": "user", "content": ""}]
+    with _sdk(paired) as client:
+        messages[0]["content"] = "upstream-error:404"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model=MODEL, messages=messages)
+        assert missing.value.body == {
+            "message": "The model 'nope' does not exist.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+        messages[0]["content"] = "upstream-error:422"
+        with pytest.raises(openai.UnprocessableEntityError) as unprocessable:
+            client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        assert unprocessable.value.body == {
+            "message": "max_tokens is too large: 99999.",
+            "type": None,
+            "param": None,
+            "code": None,
+        }
+        messages[0]["content"] = "upstream-error:400long"
+        with pytest.raises(openai.BadRequestError) as long:
+            client.chat.completions.create(model=MODEL, messages=messages)
+        assert long.value.body == {"message": "x" * 1000, "type": "x" * 1000, "param": None,
+                                   "code": "400"}  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_relayed_4xx_is_not_an_upstream_failure(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """Six 400s: each reached exactly one upstream (no failover: the same request fails
+    everywhere), no breaker counted one (it opens at the first failure here), and both
+    upstreams still answer."""
+    before = _counters(paired)
+    _forget(pair)
+    with _sdk(paired) as client:
+        for i in range(6):
+            with pytest.raises(openai.BadRequestError):
+                _create(client, "chat" if i % 2 else "completion", stream=i < 3)
+        assert sum(_hits(pair)) == 6
+        assert _counters(paired) == before
+        _forget(pair)
+        for _ in range(2):
+            answer = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}]
+            )
+            assert answer.choices[0].message.content == "Answer 0: hello from the fake upstream."
+    assert _hits(pair) == [1, 1]  # least outstanding, ties by requests: both served
+
+
+@pytest.mark.timeout(60)
+def test_an_upstream_401_is_a_502_without_its_text(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """Our key refused (401): the client gets a 502 in our words, nothing of the
+    upstream's text (it echoes a key fragment); the gateway logs that text at warning
+    with the request id. It is the upstream's failure (our key for it is wrong), so the
+    request fails over to the other upstream, which refuses too."""
+    _forget(pair)
+    with _sdk(paired) as client:
+        for stream in (False, True):
+            rid = f"rid-401-{stream}"
+            with pytest.raises(openai.InternalServerError) as info:
+                _ask(
+                    client, "upstream-error:401", stream=stream, extra_headers={"X-Request-Id": rid}
+                )
+            response = info.value.response
+            assert response.status_code == 502
+            assert response.json()["error"]["type"] == "server_error"
+            assert "credentials" in response.json()["error"]["message"]
+            assert "sk-up" not in response.text
+            assert "Incorrect API key" not in response.text
+            assert wait_until(
+                lambda rid=rid: (
+                    f"request {rid}: upstream u1 refused this server's credentials" in paired.log()
+                    or f"request {rid}: upstream u0 refused this server's credentials"
+                    in paired.log()
+                )
+            ), paired.log()[-2000:]
+            assert "Incorrect API key provided: sk-up****ream." in paired.log()
+    assert _hits(pair) == [2, 2]
+
+
+@pytest.mark.timeout(60)
+def test_an_html_404_from_a_wrong_base_url_is_a_502(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """A 404 whose body is not an OpenAI error object (an nginx page: the base URL is
+    wrong) is a 502 in our words, streamed and not; nothing of the page reaches the
+    client."""
+    with _sdk(paired) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as info:
+                _ask(client, "upstream-error:404html", kind="completion", stream=stream)
+            response = info.value.response
+            assert response.status_code == 502
+            assert response.json()["error"]["message"].startswith("the upstream answered 404")
+            assert "nginx" not in response.text
+            assert "html" not in response.text
+
+
+@pytest.mark.timeout(60)
+def test_429_from_every_upstream_is_a_429_with_retry_after(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """Both upstreams answer 429 (asking for 9 and 4 seconds): the request tried both
+    (failover), and the client gets a 429 (the SDK's RateLimitError) whose Retry-After
+    is the sooner of the two; streamed and not."""
+    with _sdk(paired) as client:
+        for stream in (False, True):
+            _forget(pair)
+            with pytest.raises(openai.RateLimitError) as info:
+                _ask(client, "upstream-error:429", stream=stream)
+            response = info.value.response
+            assert response.status_code == 429
+            assert response.headers["retry-after"] == "4"
+            assert response.json()["error"]["type"] == "rate_limit_error"
+            assert "sk-up" not in response.text
+            assert _hits(pair) == [1, 1]
+
+
+@pytest.mark.timeout(60)
+def test_a_bridge_view_answers_an_upstream_4xx_as_problem_json(
+    pair: tuple[Server, Server], paired: Server
+) -> None:
+    """Outside /v1 (``bridge.sse(bridge.chat(...))`` over OpenAIBackend): the upstream's
+    400 is a problem+json 400 whose detail is the upstream's message; its 401 a 502
+    problem in our words."""
+    with httpx.Client(timeout=30) as client:
+        reply = client.post(
+            f"{paired.url}/chat",
+            json={"messages": [{"role": "user", "content": "upstream-error:400"}]},
+        )
+        assert reply.status_code == 400, reply.text
+        assert reply.headers["content-type"].startswith("application/problem+json")
+        problem = reply.json()
+        assert (
+            problem["detail"] == "Invalid schema for function 'get_weather': 'days' is not valid."
+        )
+        assert problem["error"] == "UpstreamRejected"
+        assert "upstream-secret-trace" not in reply.text
+        refused = client.post(
+            f"{paired.url}/chat",
+            json={"messages": [{"role": "user", "content": "upstream-error:401"}]},
+        )
+        assert refused.status_code == 502, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "sk-up" not in refused.text
+
+
+@pytest.mark.timeout(60)
+def test_upstreams_cooling_down_after_429s_still_answer_429(pair: tuple[Server, Server]) -> None:
+    """When every upstream cools down after its 429s, a request fails at once, and as a
+    429 (status 429, retryable, Retry-After the soonest cooldown's end), not as a 502."""
+    upstreams = [Upstream(f"{u.url}/v1", name=n) for u, n in zip(pair, "ab", strict=True)]
+    backend = OpenAIBackend(upstreams=upstreams, failures=1, cooldown=30.0, model=MODEL)
+    throttle = [{"role": "user", "content": "upstream-error:429"}]
+    with Engine(backend) as engine:
+        with pytest.raises(UpstreamError) as first:
+            engine.chat(throttle).result(20)
+        assert (first.value.status, first.value.retry_after) == (429, 4.0)
+        _forget(pair)
+        with pytest.raises(UpstreamError) as cooling:
+            engine.chat([{"role": "user", "content": "Hi"}]).result(20)
+    assert _hits(pair) == [0, 0]  # nobody was asked: both cool down
+    assert cooling.value.status == 429
+    assert cooling.value.retryable
+    assert cooling.value.retry_after is not None
+    assert 25 < cooling.value.retry_after <= 30
+
+
+@pytest.mark.timeout(60)
+def test_a_relayed_4xx_trips_no_policy_breaker_and_is_not_retried(
+    pair: tuple[Server, Server],
+) -> None:
+    """Behind a Pipeline (a circuit breaker that opens at half its calls failing, retries
+    before the first token): four upstream 400s are four UpstreamRejected errors, each
+    sent once (not retried), and the breaker stays closed; a 500-class failure would
+    have opened it."""
+    from llmbridge import UpstreamRejected
+    from llmbridge.policies import CircuitBreaker, Pipeline, Retry
+
+    upstreams = [Upstream(f"{u.url}/v1", name=n) for u, n in zip(pair, "ab", strict=True)]
+    backend = OpenAIBackend(upstreams=upstreams, model=MODEL)
+    breaker = CircuitBreaker(failure_ratio=0.5, window=4, min_calls=2, open_for=30)
+    _forget(pair)
+    with Engine(backend) as engine:
+        pipeline = Pipeline(engine, breaker=breaker, retry=Retry(attempts=3, initial=0.01))
+        for _ in range(4):
+            with pytest.raises(UpstreamRejected) as info:
+                pipeline.submit("upstream-error:400").result(20)
+            assert info.value.status == 400
+            assert info.value.error_object["param"] == "tools[0].function.parameters"
+        assert breaker.state == "closed"
+        assert sum(_hits(pair)) == 4
+        assert pipeline.submit("Hi").result(20).text == "Answer 0: hello from the fake upstream."

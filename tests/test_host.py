@@ -463,6 +463,8 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
     is closed."""
     from host_checks import assert_drained, engine_stats, unix_connections
 
+    from llmbridge._host.streams import stream_socket_path
+
     with engine_server(LLMBRIDGE_ENGINE_KEEP_ALIVE="1") as server:
         (pid,) = [x["loaded"] for x in server.lines() if "loaded" in x]
         assert_drained(server.socket, pid)
@@ -487,6 +489,24 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
             assert_drained(server.socket, pid, timeout=10)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bare:
             bare.connect(server.socket)
-            with pytest.raises(AssertionError, match="'connections': 1, 'accepted_sockets': 1"):
+            with pytest.raises(AssertionError, match="'connections': 1, 'stream_connections': 0"):
+                assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)
+        # The stream socket, where workers submit: a held stream there is counted too.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+            held.settimeout(10)
+            held.connect(stream_socket_path(server.socket))
+            request = {
+                "prompt": "held",
+                "request_id": "held-2",
+                "params": {"max_new_tokens": 10_000},
+            }
+            held.sendall(json.dumps(request).encode() + b"\n")
+            assert held.recv(4096).startswith(b'["t"')
+            stats = engine_stats(server.socket)
+            assert (stats["in_flight"], stats["stream_connections"]) == (1, 1)
+            with pytest.raises(
+                AssertionError, match="'stream_connections': 1, 'accepted_sockets': 1"
+            ):
                 assert_drained(server.socket, pid, timeout=0.5)
         assert_drained(server.socket, pid)

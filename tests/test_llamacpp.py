@@ -284,3 +284,28 @@ def test_engine_cancel_closes_the_llama_stream() -> None:
         assert engine.submit("after", max_new_tokens=4).result(20).text == expected("after", 4)
     assert llm.closed_streams == 1
     assert llm.concurrent_entries == 0
+
+
+class TokenizingFakeLlama(FakeLlama):
+    """The fake with a ``tokenize`` (one token a word, plus a BOS when asked)."""
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        assert special  # parsed as create_completion parses a prompt
+        return [1] * add_bos + [7] * len(text.split())
+
+
+@pytest.mark.timeout(30)
+def test_prompt_tokens_come_from_tokenize_and_are_absent_without_it() -> None:
+    """A completion's prompt tokens are ``tokenize(prompt, add_bos=True, special=True)``'s
+    count; an object without ``tokenize``, or a chat method that is not
+    ``llama_cpp.Llama``'s (it never hands a prompt to ``create_completion``), reports
+    none (0), and the text is unaffected."""
+    messages = [{"role": "user", "content": "chat me"}]
+    with Engine(LlamaCppBackend(TokenizingFakeLlama())) as engine:
+        counted = engine.submit("three small words", max_new_tokens=2).result(20)
+        chat = engine.chat(messages, max_new_tokens=2).result(20)
+    with Engine(LlamaCppBackend(FakeLlama())) as engine:
+        uncounted = engine.submit("three small words", max_new_tokens=2).result(20)
+    assert counted.prompt_tokens == 4
+    assert (chat.prompt_tokens, chat.text) == (0, expected("chat me", 2))
+    assert (uncounted.prompt_tokens, uncounted.text) == (0, expected("three small words", 2))

@@ -101,6 +101,68 @@ def test_engine_greedy_equals_llama_directly(direct: Any, model: Path) -> None:
     assert chat.text == chat_want["choices"][0]["message"]["content"]
 
 
+#: Prompts whose token counts differ: empty (the BOS alone), plain, multi-byte text.
+COUNTED = ["", "hello", PROMPTS[3], " two  spaces ", "ünïcödé ✓ 漢字"]
+CHATS = [
+    [{"role": "user", "content": "chat with me"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "ünïcödé, again"},
+    ],
+]
+
+
+def _own_counts(direct: Any) -> tuple[list[int], list[int]]:
+    """llama.cpp's own prompt_tokens: the usage of non-streamed calls."""
+    plain = [
+        direct.create_completion(p, max_tokens=2, **GREEDY)["usage"]["prompt_tokens"]
+        for p in COUNTED
+    ]
+    chats = [
+        direct.create_chat_completion(messages=m, max_tokens=2, **GREEDY)["usage"]["prompt_tokens"]
+        for m in CHATS
+    ]
+    return plain, chats
+
+
+@pytest.mark.parametrize("path", ["engine", "locked"])
+@pytest.mark.timeout(120)
+def test_prompt_tokens_equal_llamas_own_count(direct: Any, model: Path, path: str) -> None:
+    """llama.cpp streams no usage; the engine's Completion still has the prompt's tokens,
+    equal to the usage llama.cpp reports for the same prompt (non-streamed), for
+    completions and for chats (whose prompt the chat handler formats). ``engine``:
+    ``LlamaCppBackend(llm)``; ``locked``: ``LlamaCppBackend(locked(llm))``, a Llama that
+    threads also call directly meanwhile (each waits for the other's generation)."""
+    plain, chats = _own_counts(direct)
+    assert len(set(plain)) == len(plain)  # the prompts really differ in length
+    llm = load(str(model))
+    shared = locked(llm) if path == "locked" else llm
+    with Engine(LlamaCppBackend(shared)) as engine:
+        direct_calls: list[str] = []
+        if path == "locked":
+            # Threads calling the shared Llama through the lock while the engine runs.
+            def beside(i: int) -> None:
+                chunks = shared.create_completion(PROMPTS[i], max_tokens=8, stream=True, **GREEDY)
+                direct_calls.append("".join(c["choices"][0]["text"] for c in chunks))
+
+            threads = [threading.Thread(target=beside, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+        got = [engine.submit(p, max_new_tokens=3, **GREEDY).result(60) for p in COUNTED]
+        got_chats = [engine.chat(m, max_new_tokens=3, **GREEDY).result(60) for m in CHATS]
+        if path == "locked":
+            for t in threads:
+                t.join(60)
+            assert sorted(direct_calls) == sorted(reference(direct, PROMPTS[i], 8)["text"]
+                                                  for i in range(3))  # fmt: skip
+    assert [c.prompt_tokens for c in got] == plain
+    assert [c.prompt_tokens for c in got_chats] == chats
+    assert [c.text for c in got] == [reference(direct, p, 3)["text"] for p in COUNTED]
+    assert llm.create_completion.__func__ is type(llm).create_completion  # nothing patched
+
+
 @pytest.mark.timeout(60)
 def test_engine_sampling_with_a_seed_equals_llama_directly(direct: Any, model: Path) -> None:
     """Sampled (temperature 0.9, a seed) through the engine: the same text as directly."""

@@ -345,14 +345,18 @@ def chain_to_tiny(tiny: TinyUpstream) -> Iterator[Server]:
 
 @pytest.mark.timeout(60)
 def test_chained_upstream_errors_reach_the_sdk_clearly(chain_to_tiny: Server) -> None:
-    """Through Flask: upstream 500/429 become a 502 error body; a drop mid-stream an APIError."""
+    """Through Flask: an upstream 500 becomes a 502 error body, its 429 a 429 with its
+    Retry-After (the client should slow down); a drop mid-stream an APIError."""
     with openai.OpenAI(
         base_url=f"{chain_to_tiny.url}/v1", api_key="k", max_retries=0, timeout=30
     ) as client:
-        for mode in ("500", "429"):
-            with pytest.raises(openai.InternalServerError) as info:
+        for mode, error, status in (
+            ("500", openai.InternalServerError, 502),
+            ("429", openai.RateLimitError, 429),
+        ):
+            with pytest.raises(error) as info:
                 client.completions.create(model="sim", prompt=f"mode:{mode}:chain{mode}")
-            assert info.value.status_code == 502
+            assert info.value.status_code == status
             assert f"upstream answered {mode}" in info.value.message
             if mode == "429":
                 assert info.value.response.headers["retry-after"] == "3"
@@ -369,20 +373,20 @@ def test_an_upstream_retry_after_of_inf_is_clamped_end_to_end(
     chain_to_tiny: Server, after: str
 ) -> None:
     """An upstream 429 with Retry-After inf / 1e999 / nan: through OpenAIBackend and the
-    Flask blueprint the client gets a JSON 502 with a finite Retry-After (or none), not
+    Flask blueprint the client gets a JSON 429 with a finite Retry-After (or none), not
     an OverflowError 500; streamed and not."""
     with openai.OpenAI(
         base_url=f"{chain_to_tiny.url}/v1", api_key="k", max_retries=0, timeout=30
     ) as client:
         for stream in (False, True):
-            with pytest.raises(openai.InternalServerError) as info:
+            with pytest.raises(openai.RateLimitError) as info:
                 client.completions.create(
                     model="sim", prompt=f"mode:429={after}:ra{after}{stream}", stream=stream
                 )
             response = info.value.response
-            assert response.status_code == 502
+            assert response.status_code == 429
             assert response.headers["content-type"].startswith("application/json")
-            assert response.json()["error"]["type"] == "server_error"
+            assert response.json()["error"]["type"] == "rate_limit_error"
             value = response.headers.get("retry-after")
             if after in ("-inf", "nan"):
                 assert value in (None, "0"), value

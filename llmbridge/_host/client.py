@@ -2,10 +2,11 @@
 
 :class:`EngineClient` is an ordinary engine (so its streams read from threads and
 coroutines, cancel, time out and fail exactly like a local engine's) over
-:class:`HostBackend`, which forwards each request over the Unix socket with one pooled
-``httpx.AsyncClient`` on the engine loop (``httpx.AsyncHTTPTransport(uds=...)``).
-Cancelling a stream cancels its task, which closes the response: the engine process sees
-the disconnect and drops the job before its next step.
+:class:`HostBackend`, which forwards each request over the engine process's stream
+socket (:mod:`.streams`: a connection per request, a JSON line per event) on the engine
+loop. Cancelling a stream cancels its task, which closes the connection: the engine
+process sees it and drops the job before its next step. The engine process's counters
+come over its HTTP socket (``/llmbridge/v1/stats``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from .._core.drivers import serve_async
 from .._core.engine import Engine
 from .._core.jobs import EngineStats, Job, JobQueue
 from .._core.stream import Stream
-from .._exceptions import BadRequest, EngineClosed
-from .._sansio.sse import SSEDecoder
-from .wire import STATS_PATH, SUBMIT_PATH, error_from_problem
+from .._exceptions import BadRequest, EngineClosed, LLMBridgeError
+from .streams import read_stream, stream_socket_path
+from .wire import STATS_PATH
 
 try:
     import httpx
@@ -47,11 +48,12 @@ def unavailable(why: str) -> EngineClosed:
 
 
 class HostBackend:
-    """Forwards requests to an engine process on the Unix socket ``socket_path``.
+    """Forwards requests to the engine process whose socket is ``socket_path`` (over its
+    stream socket, ``socket_path`` + :data:`~llmbridge._host.streams.STREAM_SUFFIX`).
 
     Runs on the client engine's loop (an :class:`~llmbridge._core.drivers.AsyncBackend`).
-    Every chunk the engine process sends becomes a chunk of the local stream; its final
-    ``event: done`` finishes it with the engine's usage; an error arrives as the same
+    Every chunk the engine process sends becomes a chunk of the local stream; its last
+    line finishes it with the engine's usage; an error arrives as the same
     :class:`~llmbridge.LLMBridgeError` class. A connection that fails or breaks (the
     engine process crashed or is restarting) fails the request at once with
     :func:`unavailable` (503). ``connect_timeout`` bounds the connect, ``timeout`` the
@@ -66,12 +68,11 @@ class HostBackend:
         timeout: float | None = None,
         max_concurrency: int = 4096,
     ) -> None:
-        _require_httpx()
         self.socket_path = os.fspath(socket_path)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.max_concurrency = max_concurrency
-        self._client: httpx.AsyncClient | None = None
+        self.stream_path = stream_socket_path(self.socket_path)
 
     def __repr__(self) -> str:
         return f"HostBackend({self.socket_path!r})"
@@ -81,62 +82,32 @@ class HostBackend:
         serve_async(self, jobs, max_concurrency=self.max_concurrency)
 
     async def aopen(self) -> None:
-        """Create the pooled client on the engine loop (called by the engine)."""
-        self._client = httpx.AsyncClient(
-            base_url="http://engine",
-            transport=httpx.AsyncHTTPTransport(uds=self.socket_path),
-            timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
+        """Nothing to open: each request connects on its own (called by the engine)."""
 
     async def aclose(self) -> None:
-        """Close the pooled client (called by the engine as it stops)."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        """Nothing to close (called by the engine as it stops)."""
 
     async def generate(self, request: Request, job: Job) -> None:
         """Run one request in the engine process, writing its text to ``job``."""
-        client = self._client
-        if client is None:
-            raise unavailable("the client is not open")
         body = {"prompt": request.prompt, "request_id": request.id, "params": request.params}
         try:
             content = json.dumps(body).encode()
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"params must be JSON to reach the engine process: {exc}") from exc
         try:
-            # Leaving this block for any reason (the end, an error, this task's
-            # cancellation when the consumer goes) closes the response, which the
-            # engine process sees as a disconnect: it cancels the job there.
-            async with client.stream(
-                "POST", SUBMIT_PATH, content=content, headers={"content-type": "application/json"}
-            ) as response:
-                if response.status_code >= 400:
-                    raise error_from_problem(await response.aread(), response.status_code)
-                await self._read(response, job)
-        except httpx.HTTPError as exc:
+            await read_stream(
+                self.stream_path,
+                content,
+                job,
+                connect_timeout=self.connect_timeout,
+                timeout=self.timeout,
+            )
+        except LLMBridgeError:
+            raise
+        except (OSError, EOFError, TimeoutError, ValueError) as exc:
+            # Refused, reset, cut short, silent past ``timeout``, or a line we can't read:
+            # the engine process is gone or restarting.
             raise unavailable(type(exc).__name__) from exc
-
-    @staticmethod
-    async def _read(response: httpx.Response, job: Job) -> None:
-        decoder = SSEDecoder()
-        async for piece in response.aiter_bytes():
-            for event in decoder.feed(piece):
-                if event.event == "done":
-                    usage = event.json().get("usage") or {}
-                    job.finish(
-                        str(event.json().get("finish_reason") or "stop"),
-                        prompt_tokens=usage.get("prompt_tokens"),
-                        completion_tokens=usage.get("completion_tokens"),
-                    )
-                    return
-                if event.event == "error":
-                    raise error_from_problem(event.data)
-                text = event.json().get("text")
-                if isinstance(text, str) and text and not await job.aemit(text):
-                    return  # the consumer left: closing the response tells the engine
-        raise unavailable("the stream ended before its last event")
 
 
 class EngineClient(Engine):
@@ -161,6 +132,7 @@ class EngineClient(Engine):
         stats_timeout: float = 2.0,
         name: str | None = None,
     ) -> None:
+        _require_httpx()
         backend = HostBackend(socket_path, connect_timeout=connect_timeout, timeout=timeout)
         super().__init__(backend, max_queued=1 << 30, name=name or "llmbridge-engine-client")
         self.socket_path = backend.socket_path

@@ -8,6 +8,7 @@ starts and stops the supervisor from a gunicorn arbiter's hooks.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -107,15 +108,19 @@ def serve_once(
     import uvicorn
 
     from .server import EngineApp, bind_unix_socket
+    from .streams import MAX_LINE, StreamServer, stream_socket_path
 
     os.environ.pop(SOCKET_ENV, None)  # this process is the engine: build it, don't connect
     submitter = load_submitter(target)
     start = getattr(submitter, "start", None)
     if callable(start):
         start()
-    sock = bind_unix_socket(socket_path, group=group)
-    inode = os.stat(socket_path).st_ino
-    app = EngineApp(submitter)
+    streams = StreamServer(submitter)
+    stream_path = stream_socket_path(socket_path)
+    stream_sock = bind_unix_socket(stream_path, group=group)
+    sock = bind_unix_socket(socket_path, group=group)  # last: clients wait for this one
+    inodes = {path: os.stat(path).st_ino for path in (socket_path, stream_path)}
+    app = EngineApp(submitter, streams=streams)
     config = uvicorn.Config(
         app,
         lifespan="off",
@@ -132,18 +137,34 @@ def serve_once(
     # closes and the socket is removed. Found handlers that ignore it let us finish.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
+
+    async def serve() -> None:
+        stream_server = await asyncio.start_unix_server(streams, sock=stream_sock, limit=MAX_LINE)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            stream_server.close()
+            await streams.wait_closed(graceful_timeout)
+
+    # uvicorn's own choice of loop (uvloop when installed), as ``server.run`` makes it.
+    factory = getattr(config, "get_loop_factory", None)
+    if factory is None:  # uvicorn before 0.36 sets a loop policy instead
+        config.setup_event_loop()
     try:
-        server.run(sockets=[sock])
+        with asyncio.Runner(loop_factory=factory() if factory is not None else None) as runner:
+            runner.run(serve())
     finally:
         close = getattr(submitter, "close", None)
         if callable(close):
             close()
         sock.close()
-        try:
-            if os.stat(socket_path).st_ino == inode:  # still ours, not a successor's
-                os.unlink(socket_path)
-        except OSError:
-            pass
+        stream_sock.close()
+        for path, inode in inodes.items():
+            try:
+                if os.stat(path).st_ino == inode:  # still ours, not a successor's
+                    os.unlink(path)
+            except OSError:
+                pass
     return 0
 
 

@@ -19,7 +19,6 @@ start, under a umask, so no other user can connect even for an instant.
 from __future__ import annotations
 
 import grp
-import json
 import logging
 import os
 import socket
@@ -34,7 +33,8 @@ from .._web.body import StreamBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
 from .openai import OpenAISurface
 from .pump import Receive, Scope, Send, header, read_body, reply, stream_reply
-from .wire import HEALTH_PATH, STATS_PATH, SUBMIT_PATH
+from .streams import StreamServer
+from .wire import HEALTH_PATH, STATS_PATH, SUBMIT_PATH, parse_submit
 
 __all__ = ["EngineApp", "bind_unix_socket"]
 
@@ -59,11 +59,13 @@ class EngineApp:
         *,
         stats_of: Any = None,
         heartbeat: float | None = 15.0,
+        streams: StreamServer | None = None,
         connections: Callable[[], int] | None = None,
     ) -> None:
         self.submitter = submitter
         self.stats_of = stats_of or getattr(submitter, "engine", submitter)
         self.heartbeat = heartbeat
+        self.streams = streams
         self.connections = connections
         self._openai: Any = None
         # Only touched on the server's one event loop: no lock.
@@ -115,11 +117,12 @@ class EngineApp:
             "in_flight": int(getattr(engine, "in_flight", 0)),
             "requests": self._requests - 1,
             "connections": connections,
+            "stream_connections": self.streams.connections if self.streams is not None else 0,
         }
 
     async def _submit(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            prompt, request_id, params = _parse(await read_body(receive))
+            prompt, request_id, params = parse_submit(await read_body(receive))
             stream = self.submitter.submit(prompt, request_id=request_id, **params)
         except LLMBridgeError as error:
             await reply(send, problem_reply(error, valid_request_id(header(scope, _ID))))
@@ -131,27 +134,6 @@ class EngineApp:
 
 
 _ID = REQUEST_ID_HEADER.lower().encode()
-
-
-def _parse(raw: bytes) -> tuple[str, str | None, dict[str, Any]]:
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest("the submit body is not JSON") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the submit body must be a JSON object")
-    prompt, request_id, params = data.get("prompt"), data.get("request_id"), data.get("params")
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
-    if request_id is not None and valid_request_id(request_id) is None:
-        raise BadRequest("request_id must be 1-128 characters of A-Za-z0-9._:-")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
-        raise BadRequest("params must be a JSON object")
-    if "request_id" in params:
-        raise BadRequest("request_id goes at the top level, not in params")
-    return prompt, request_id, params
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -5,7 +5,9 @@ object (:func:`response_body`); :class:`OpenAIFramer` is the
 :class:`~llmbridge._sansio.framing.Framer` that turns a streamed answer into
 ``chat.completion.chunk`` / ``text_completion`` SSE events ending with ``data: [DONE]``;
 every error becomes OpenAI's ``{"error": {"message", "type", "param", "code"}}``
-(:func:`error_body`, :func:`error_reply`), whatever it is, revealing no backend text.
+(:func:`error_body`, :func:`error_reply`), whatever it is, revealing no backend text
+(an OpenAI-compatible upstream's own 4xx error object, written for the API client, is
+relayed).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._core.channel import Completion
-from .._exceptions import LLMBridgeError
+from .._exceptions import LLMBridgeError, UpstreamRejected
 from .._sansio.framing import Outcome, Reply
 from .._sansio.problem import client_detail, retry_after_value
 from .._sansio.sse import dumps, encode_comment, encode_event
@@ -189,9 +191,12 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 def error_body(error: BaseException, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """``(status, {"error": {"message", "type", "param", "code"}})`` for ``error``.
 
-    An :class:`InvalidRequest` keeps its status and names its ``param``; any other
-    :class:`~llmbridge.LLMBridgeError` keeps its own status (429, 503, 502, ...) and says
-    only what is public; anything else is a 500 that reveals nothing. Never raises.
+    An :class:`InvalidRequest` keeps its status and names its ``param``; an upstream's
+    own 4xx (:class:`~llmbridge.UpstreamRejected`) is relayed: its status, and its error
+    object's ``message``, ``type``, ``param`` and ``code`` only (each already cut to
+    1,000 characters); any other :class:`~llmbridge.LLMBridgeError` keeps its own status
+    (429, 503, 502, ...) and says only what is public; anything else is a 500 that
+    reveals nothing. Never raises.
     """
     if isinstance(error, InvalidRequest):
         return error.status, {
@@ -202,6 +207,8 @@ def error_body(error: BaseException, request_id: str | None = None) -> tuple[int
                 "code": error.code,
             }
         }
+    if isinstance(error, UpstreamRejected):
+        return error.status, {"error": dict(error.error_object)}
     if isinstance(error, LLMBridgeError):
         status = error.status
         if status == 429:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._exceptions import MAX_RETRY_AFTER, LLMBridgeError
+from .._exceptions import MAX_RETRY_AFTER, LLMBridgeError, UpstreamRejected
 
 __all__ = [
     "client_detail",
@@ -50,6 +50,10 @@ def problem(error: BaseException, request_id: str | None = None) -> dict[str, An
         after = _finite(error.retry_after)
         if after is not None:
             body["retry_after"] = after
+        if isinstance(error, UpstreamRejected):
+            # Written for the API client by the upstream (already capped): it crosses to
+            # an engine process's clients, which relay it as it is.
+            body["upstream_error"] = dict(error.error_object)
     else:
         body = {
             "type": "about:blank",

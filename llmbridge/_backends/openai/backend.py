@@ -18,13 +18,12 @@ from ..._core.drivers import _positive, serve_async
 from ..._core.jobs import Job, JobQueue
 from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
 from ..._sansio.sse import SSEDecoder, encode_event
+from .errors import CREDENTIALS, counts_against, final_error, is_429, status_error
 from .upstreams import Balancer, Upstream, UpstreamState
 from .wire import (
     Call,
     Progress,
     json_object,
-    message_of,
-    parse_retry_after,
     reason,
     relayed,
     stream_error,
@@ -70,7 +69,8 @@ class OpenAIBackend:
     ``base_url`` names one upstream; ``upstreams`` (a list of :class:`Upstream` or URLs)
     names several. Each attempt goes to the available upstream with the fewest
     outstanding requests per unit of weight. An upstream that fails ``failures`` times
-    in a row (refused or broken connection, timeout, 429, 5xx) cools down for
+    in a row (refused or broken connection, timeout, 429, 5xx, our key refused, a
+    non-OpenAI 404) cools down for
     ``cooldown`` seconds, when it gets no requests, then one request probes it. A request
     that fails before its first chunk moves on to the next available upstream (each
     upstream once); after the first chunk it never does, so no client sees text twice.
@@ -91,11 +91,17 @@ class OpenAIBackend:
     wire form (the JSON body, or SSE events), which is what every policy caches, shares
     and retries.
 
-    Errors: an upstream error status becomes :class:`~llmbridge.UpstreamError`
-    (``upstream_status``, ``retryable`` for 429 and 5xx, ``retry_after``); a broken
-    connection or a stream that ends before its finish is a retryable
-    ``UpstreamError``; a timeout is :class:`~llmbridge.Timeout`. Cancelling a stream
-    cancels its task, which closes the upstream response (and its connection) at once.
+    Errors: an upstream's own 4xx whose body is an OpenAI error object (an invalid tool
+    schema, a context overflow, an unknown model) is :class:`~llmbridge.UpstreamRejected`
+    with the upstream's status: the request's fault, relayed to the client, never failed
+    over, retried or counted by a breaker. Any other error status becomes
+    :class:`~llmbridge.UpstreamError` (``upstream_status``, ``retryable`` for 429 and
+    5xx, ``retry_after``), its text only in the log: 401/403 (our key, logged at warning
+    with the request id), 429 (a 429 to the client when every upstream said so), 5xx,
+    an HTML 404 from a wrong base URL. A broken connection or a stream that ends before
+    its finish is a retryable ``UpstreamError``; a timeout is
+    :class:`~llmbridge.Timeout`. Cancelling a stream cancels its task, which closes the
+    upstream response (and its connection) at once.
 
     Limits, explicit and sized from the configuration: ``max_concurrency`` caps
     requests in flight (the rest wait in the engine's queue, counted in
@@ -169,6 +175,8 @@ class OpenAIBackend:
         ]
         self._balancer = Balancer(self._states)
         self._in_flight = 0
+        # The upstreams (by id) whose last failure was a 429 (engine loop only).
+        self._throttled: set[int] = set()
 
     def __repr__(self) -> str:
         urls = ", ".join(repr(u.url) for u in self.upstreams)
@@ -229,13 +237,13 @@ class OpenAIBackend:
         output to ``job`` (engine loop only)."""
         call = Call.of(request.prompt, request.params, model=self.model, stream=self.stream)
         tried: list[UpstreamState] = []
-        last: LLMBridgeError | None = None
+        errors: list[LLMBridgeError] = []
         self._in_flight += 1
         try:
             while True:
                 state = self._balancer.pick(tried)
                 if state is None:
-                    raise last or self._none_left()
+                    raise self._final(errors) if errors else self._none_left()
                 if state.client is None:
                     raise BackendError("the OpenAIBackend is not open: run it in an Engine")
                 tried.append(state)
@@ -249,7 +257,8 @@ class OpenAIBackend:
                     failed = False
                     return
                 except LLMBridgeError as exc:
-                    failed = _counts_against(exc)
+                    failed = counts_against(exc)
+                    self._note(request, state, exc, failed=failed)
                     if not failed or attempt.emitted or job.ended:
                         raise
                     state.failovers += 1
@@ -259,13 +268,48 @@ class OpenAIBackend:
                         state.upstream.label,
                         exc.message,
                     )
-                    last = exc
+                    errors.append(exc)
                 finally:
+                    if failed is False:
+                        self._throttled.discard(id(state))
                     state.end(failed=failed)
         finally:
             self._in_flight -= 1
 
+    def _note(
+        self, request: Request, state: UpstreamState, error: LLMBridgeError, *, failed: bool
+    ) -> None:
+        """Remember whether ``state`` last failed with a 429; log a refusal of our key."""
+        if failed:
+            if is_429(error):
+                self._throttled.add(id(state))
+            else:
+                self._throttled.discard(id(state))
+        if isinstance(error, UpstreamError) and error.upstream_status in CREDENTIALS:
+            # The operator's key is wrong for this upstream: the client only learns that
+            # the upstream refused us (its text may echo part of the key); the log says.
+            logger.warning(
+                "request %s: upstream %s refused this server's credentials: %s",
+                request.id,
+                state.upstream.label,
+                error.message,
+            )
+
+    def _final(self, errors: list[LLMBridgeError]) -> LLMBridgeError:
+        """The error a request fails with once every upstream failed it."""
+        return final_error(errors, self._balancer.soonest_back())
+
     def _none_left(self) -> LLMBridgeError:
+        cooling = [s for s in self._states if s.cooling_down]
+        if cooling and all(id(s) in self._throttled for s in cooling):
+            # They cool down after 429s: the client is told to slow down, as they said.
+            return UpstreamError(
+                "every upstream is cooling down after answering 429",
+                upstream_status=429,
+                retryable=True,
+                retry_after=self._balancer.soonest_back(),
+                summary="every upstream answered 429",
+            )
         return UpstreamError(
             "every upstream is cooling down after failures",
             retryable=True,
@@ -302,7 +346,12 @@ class OpenAIBackend:
     ) -> None:
         response = await client.post(call.path, json=body)
         if response.status_code >= 400:
-            raise _status_error(response, response.content)
+            raise status_error(
+                response.status_code,
+                response.reason_phrase,
+                response.headers.get("retry-after"),
+                response.content,
+            )
         raw = response.text
         data = json_object(raw)
         progress = Progress()
@@ -336,7 +385,12 @@ class OpenAIBackend:
         # closed rather than pooled, so the upstream sees the disconnect at once.
         async with client.stream("POST", call.path, json=body) as response:
             if response.status_code >= 400:
-                raise _status_error(response, await response.aread())
+                raise status_error(
+                    response.status_code,
+                    response.reason_phrase,
+                    response.headers.get("retry-after"),
+                    await response.aread(),
+                )
             decoder = SSEDecoder()
             progress = Progress()
             async for piece in response.aiter_bytes():
@@ -375,25 +429,3 @@ class OpenAIBackend:
                 "the upstream closed the stream before it finished (no data: [DONE])",
                 retryable=True,
             )
-
-
-def _counts_against(error: LLMBridgeError) -> bool:
-    """Whether ``error`` is the upstream's fault (a failover and a breaker failure), not
-    the request's (a 400) or the consumer's (a cancellation)."""
-    if isinstance(error, Timeout):
-        return True
-    if isinstance(error, UpstreamError):
-        status = error.upstream_status
-        return status is None or status == 429 or status >= 500
-    return False
-
-
-def _status_error(response: httpx.Response, raw: bytes) -> UpstreamError:
-    status = response.status_code
-    detail = message_of(raw) or response.reason_phrase
-    return UpstreamError(
-        f"the upstream answered {status}: {detail}",
-        upstream_status=status,
-        retryable=status == 429 or status >= 500,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
-    )

@@ -16,13 +16,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..._exceptions import UpstreamError
+from ..._exceptions import MAX_RELAYED_CHARS, UpstreamError
 from ..._sansio.sse import dumps
 
 __all__ = [
     "FIELDS",
     "Call",
     "Progress",
+    "error_object",
     "json_object",
     "message_of",
     "parse_retry_after",
@@ -195,6 +196,28 @@ def message_of(raw: bytes) -> str:
             if isinstance(data.get(key), str):
                 return str(data[key])
     return raw[:200].decode(errors="replace").strip()
+
+
+def error_object(raw: bytes) -> dict[str, str | None] | None:
+    """The OpenAI error object in an error body (``{"error": {"message": ...}}``): its
+    ``message``, ``type``, ``param`` and ``code`` only, each a string cut to
+    :data:`~llmbridge._exceptions.MAX_RELAYED_CHARS` characters or ``None`` (an integer
+    ``code``, as llama.cpp's server and vLLM send, as its digits). ``None`` when the body
+    is not one (an HTML page, a bare string, no string ``message``)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    return {key: _relayable(error.get(key)) for key in ("message", "type", "param", "code")}
+
+
+def _relayable(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value[:MAX_RELAYED_CHARS] if isinstance(value, str) else None
 
 
 def parse_retry_after(value: str | None) -> float | None:
