@@ -224,6 +224,14 @@ def sigterm_mid_stream(server: Server) -> None:
     assert server.proc.wait(60) == 0
 
 
+def assert_sockets_removed(host: Host) -> None:
+    """The engine process removed both its sockets (HTTP and stream) as it stopped."""
+    from llmbridge._host.streams import stream_socket_path
+
+    assert not os.path.exists(host.socket)
+    assert not os.path.exists(stream_socket_path(host.socket))
+
+
 def wait_gone(pid: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
@@ -242,7 +250,7 @@ def test_gunicorn_workers_share_one_engine(host: Host, kind: str) -> None:
         (engine_pid,) = host.loaded()
         sigterm_mid_stream(server)
         wait_gone(engine_pid)
-        assert not os.path.exists(host.socket)
+        assert_sockets_removed(host)
 
 
 def test_uvicorn_workers_beside_llmbridge_serve(host: Host) -> None:
@@ -259,7 +267,7 @@ def test_uvicorn_workers_beside_llmbridge_serve(host: Host) -> None:
         server.engine.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         assert server.engine.wait(30) == 0  # type: ignore[attr-defined]
         wait_gone(engine_pid)
-        assert not os.path.exists(host.socket)
+        assert_sockets_removed(host)
 
 
 def _alive(pid: int) -> bool:
@@ -384,4 +392,4 @@ def test_arbiter_killed_takes_the_engine_process_with_it(host: Host, kind: str) 
         server.proc.wait(10)
         for pid in (*workers, supervisor, engine_pid):
             wait_gone(pid)
-        assert not os.path.exists(host.socket)
+        assert_sockets_removed(host)
