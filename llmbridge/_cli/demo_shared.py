@@ -5,8 +5,8 @@ This process is the conductor, not a server: it starts the engine process (the d
 simulated engine, under ``llmbridge serve``'s supervisor, on a socket in a private
 temporary directory), then ``gunicorn -k gthread -w N`` on the port it bound, each worker
 submitting to that engine through :func:`llmbridge.gunicorn.shared_engine`. Every answer
-carries ``X-Worker-Pid``; ``/stats`` (and ``/metrics`` with prometheus-client) on any
-worker report the engine process's figures, the host's.
+carries ``X-Worker-Pid``; ``/stats`` on any worker reports the engine process's
+counters, the host's.
 
 Both children run in sessions of their own, so a terminal's Ctrl-C reaches this process
 only: the first one asks gunicorn to stop gracefully (open streams finish), then the
@@ -64,12 +64,9 @@ def worker_app() -> Any:
 
     from ..gunicorn import shared_engine
 
-    config: dict[str, Any] = {
-        "EXAMPLE_STEP_TIME": float(os.environ.get(_STEP_ENV, "0.05")),
-        "EXAMPLE_RETRIEVAL_URL": os.environ.get(_RETRIEVAL_ENV),
-    }
-    if importlib.util.find_spec("prometheus_client") is not None:
-        config["LLMBRIDGE_METRICS_PATH"] = "/metrics"
+    config: dict[str, Any] = {"EXAMPLE_STEP_TIME": float(os.environ.get(_STEP_ENV, "0.05"))}
+    if "FLASK_EXAMPLE_RETRIEVAL_URL" not in os.environ:  # as the one-process demo does
+        config["EXAMPLE_RETRIEVAL_URL"] = os.environ.get(_RETRIEVAL_ENV)
     app = create_app(config, engine=shared_engine(make_engine))
     pid = str(os.getpid())
 
@@ -142,7 +139,10 @@ def run_shared(args: argparse.Namespace, step: float) -> int:
     interrupts = Interrupts()
     interrupts.install()
     try:
-        engine.start()
+        try:
+            engine.start()
+        except RuntimeError as exc:  # it exited: its own line on stderr says why
+            raise CommandError(f"the engine process did not start: {exc}") from None
         argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "16"]
         argv += ["-w", str(workers), "--bind", f"fd://{sock.fileno()}"]
         argv += ["--graceful-timeout", f"{max(args.drain_timeout, 1.0):g}"]
@@ -160,7 +160,7 @@ def run_shared(args: argparse.Namespace, step: float) -> int:
             f"  process, whose batches mix their requests. Each answer names its worker:\n"
             f"    curl -sN -D - '{base}/v1/stream?prompt=Hello&max_tokens=8' | grep -i "
             f"{WORKER_PID_HEADER.lower()}\n"
-            f"  and {base}/stats (or /metrics) on any worker shows the host's figures.",
+            f"  and {base}/stats on any worker shows the engine process's counters, the host's.",
             flush=True,
         )
         if not args.no_preview:
