@@ -36,8 +36,10 @@ __all__ = [
     "ConcurrentEntryError",
     "EngineClosed",
     "LLMBridgeError",
+    "OffloadError",
     "Overloaded",
     "RateLimited",
+    "RemoteError",
     "SlowConsumer",
     "Timeout",
     "UpstreamError",
@@ -242,3 +244,29 @@ class ConcurrentEntryError(BackendError):
 
     status = 500
     title = "Concurrent entry"
+
+
+class OffloadError(LLMBridgeError):
+    """An offloaded call failed in the offload machinery itself: its worker process
+    died, the pool broke, or its arguments or result couldn't cross the process
+    boundary. Answered 500; the message goes to the log only."""
+
+    status = 500
+    title = "Offload failed"
+    public = False
+
+
+class RemoteError(OffloadError):
+    """An exception raised in a worker process that couldn't be sent back as itself
+    (its class or attributes don't pickle).
+
+    ``type_name`` is the original's qualified type name (``"mymodule.ApiError"``),
+    ``remote_message`` its ``str()``, ``remote_traceback`` the formatted traceback from
+    the worker. Answered 500, like any :class:`OffloadError`.
+    """
+
+    def __init__(self, type_name: str, remote_message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {remote_message}")
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback

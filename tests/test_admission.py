@@ -19,6 +19,7 @@ from llmbridge import BadRequest, Engine, Overloaded
 from llmbridge._core.admission import DrainRate, WaitingJobs, estimate_tokens
 from llmbridge.backends import CallableBackend, StepBackend
 from llmbridge.flask import FlaskBridge
+from llmbridge.policies import BatchBackend
 
 from support import PYTHON, Clock, Server, free_port, run_server, wait_until
 
@@ -231,11 +232,13 @@ def test_priority_must_be_an_int() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_low_priority_request_is_served_within_the_aging_bound() -> None:
+@pytest.mark.parametrize("kind", ["callable", "batch"])
+def test_a_low_priority_request_is_served_within_the_aging_bound(kind: str) -> None:
     """Under a constant stream of priority-10 requests (each one served submits the next,
     so 4 always wait), a priority-0 request is served, and no priority-10 request
     submitted more than 10 * aging seconds after it starts before it. Without aging it
-    would wait for as long as the stream runs."""
+    would wait for as long as the stream runs. The same for a one-slot callable and a
+    batch function taking one request a call."""
     aging = 0.05
     high: dict[str, float] = {}  # prompt -> submitted at
     streams: list[Any] = []
@@ -254,7 +257,16 @@ def test_a_low_priority_request_is_served_within_the_aging_bound() -> None:
             submit_high()  # the stream never dries up while the low request waits
         return prompt
 
-    engine = Engine(CallableBackend(serve, max_concurrency=1), priority_aging=aging)
+    backend: Any
+    if kind == "callable":
+        backend = CallableBackend(serve, max_concurrency=1)
+    else:
+        backend = BatchBackend(
+            lambda requests: [serve(r.prompt) for r in requests],
+            max_batch_size=1,
+            priority_levels=11,
+        )
+    engine = Engine(backend, priority_aging=aging)
     with engine:
         for _ in range(4):
             submit_high()

@@ -50,7 +50,7 @@ def test_prompt_is_not_confused_with_params() -> None:
 def test_normal_form_is_canonical_json() -> None:
     """The hashed text is compact, key-sorted JSON with a version."""
     text = normalise("p", {"b": 1, "a": [1.0, True]}, namespace="n")
-    assert text == '{"ns":"n","params":{"a":[1,true],"b":1},"prompt":"p","v":1}'
+    assert text == '{"ns":"n","params":{"a":[1,true],"b":1},"prompt":"p","v":2}'
 
 
 @pytest.mark.parametrize("bad", [object(), math.nan, math.inf, {1: "int key"}, {1, 2}])
@@ -78,3 +78,28 @@ def test_values_without_json_form_are_not_cacheable(bad: object) -> None:
 def test_determinism_rule(params: dict[str, object], expected: bool) -> None:
     """Only greedy decoding or a fixed integer seed counts as deterministic."""
     assert is_deterministic(params) is expected
+
+
+def test_scheduling_parameters_are_not_part_of_the_key() -> None:
+    """``priority`` and ``queue_timeout`` change when a request runs, not its text."""
+    base = cache_key("p", {"temperature": 0})
+    assert cache_key("p", {"temperature": 0, "priority": 3}) == base
+    assert cache_key("p", {"temperature": 0, "queue_timeout": 2.5, "priority": 1}) == base
+    assert cache_key("p", {"temperature": 0, "seed": 1}) != base
+
+
+def test_an_urgent_request_is_served_what_a_patient_one_stored() -> None:
+    from llmbridge import Engine
+    from llmbridge.policies import MemoryCache, Pipeline
+
+    calls: list[str] = []
+
+    def answer(prompt: str, **params: object) -> str:
+        calls.append(prompt)
+        return prompt.upper()
+
+    with Pipeline(Engine(answer), cache=MemoryCache(max_entries=8)) as pipeline:
+        first = pipeline.submit("hello", temperature=0, priority=0).result(10).text
+        second = pipeline.submit("hello", temperature=0, priority=1).result(10).text
+    assert first == second == "HELLO"
+    assert calls == ["hello"]

@@ -21,6 +21,8 @@ import pytest
 from llmbridge import BadRequest, ConcurrentEntryError, Engine
 from llmbridge.backends import ExLlamaV2Adapter, exllamav2_backend, exllamav2_job_factory
 
+from support import wait_until
+
 WORDS = [" red", " green", " blue", " cat", " dog", " sun", " END", " moon"]
 
 
@@ -104,6 +106,8 @@ class FakeDynamicGenerator:
     concurrent_entries: int = 0
     max_batch_seen: int = 0
     serial: int = 0
+    #: When set, each ``iterate()`` waits for it first (a test lets requests pile up).
+    hold: threading.Event | None = None
     _entry: threading.Lock = field(default_factory=threading.Lock)
 
     def _enter(self) -> None:
@@ -135,6 +139,8 @@ class FakeDynamicGenerator:
     def iterate(self) -> list[dict[str, Any]]:
         self._enter()
         try:
+            if self.hold is not None:
+                self.hold.wait(20)
             self.max_batch_seen = max(self.max_batch_seen, len(self.jobs))
             results: list[dict[str, Any]] = []
             for job in list(self.jobs):
@@ -199,8 +205,10 @@ def make_engine(generator: FakeDynamicGenerator, **options: Any) -> Engine:
 
 @pytest.mark.timeout(30)
 def test_many_threads_each_get_their_own_text() -> None:
-    """40 request threads share one generator through the engine: exact, batched, one owner."""
-    generator = FakeDynamicGenerator()
+    """40 request threads share one generator through the engine: exact, batched, one owner.
+    The generator holds its first step until all 40 are submitted, so batching is
+    certain however the threads are scheduled."""
+    generator = FakeDynamicGenerator(hold=threading.Event())
     results: dict[int, str] = {}
     with make_engine(generator) as engine:
 
@@ -214,6 +222,9 @@ def test_many_threads_each_get_their_own_text() -> None:
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(40)]
         for t in threads:
             t.start()
+        assert wait_until(lambda: engine.queued + engine.in_flight == 40)
+        assert generator.hold is not None
+        generator.hold.set()
         for t in threads:
             t.join(30)
     assert results == {

@@ -66,7 +66,10 @@ class BatchBackend:
     - ``max_queue_delay``: seconds the oldest waiting request may wait for the batch to
       fill (default 0: dispatch at once when a batch slot is free);
     - ``priority_levels``: a request's ``priority`` parameter (an int from 0, the
-      default, to ``priority_levels - 1``) picks its queue; higher numbers go first;
+      default, to ``priority_levels - 1``) picks its queue; higher numbers go first,
+      and priority ages as in every driver (the engine's ``priority_aging`` seconds per
+      level: :class:`~llmbridge._core.admission.WaitingJobs`), so a low-priority request
+      still goes before high-priority ones submitted long enough after it;
     - ``queue_timeout``: seconds a request may wait before it fails with
       :class:`~llmbridge.Timeout` (504); a request's ``queue_timeout`` parameter
       overrides it;
@@ -236,13 +239,17 @@ class _Batcher:
             if queued < backend.max_batch_size and now < ready_at and not self.jobs.closing:
                 return min(ready_at, self._next_deadline())
             batch: list[Job] = []
-            for queue in reversed(self.queues):  # highest priority first
-                while queue and len(batch) < backend.max_batch_size:
-                    job = queue.popleft().job
-                    if job.ended:
-                        self.jobs.drop(job)  # idempotent: its consumer left while it waited
-                    else:
-                        batch.append(job)
+            while len(batch) < backend.max_batch_size:
+                # Each queue is in rank order (FIFO within a priority), so the head with
+                # the lowest rank is the next job by aged priority.
+                heads = [queue for queue in self.queues if queue]
+                if not heads:
+                    break
+                job = min(heads, key=lambda queue: queue[0].job.rank).popleft().job
+                if job.ended:
+                    self.jobs.drop(job)  # idempotent: its consumer left while it waited
+                else:
+                    batch.append(job)
             if not batch:
                 continue
             for job in batch:

@@ -46,7 +46,7 @@ from typing import Any, Final, TypeVar
 
 import anyio
 
-from .._exceptions import LLMBridgeError, Timeout
+from .._exceptions import OffloadError, RemoteError, Timeout
 from .fork import on_fork_in_child
 
 __all__ = [
@@ -58,32 +58,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class OffloadError(LLMBridgeError):
-    """An offloaded call failed in the offload machinery itself: its worker process
-    died, the pool broke, or its arguments or result couldn't cross the process
-    boundary. Answered 500; the message goes to the log only."""
-
-    status = 500
-    title = "Offload failed"
-    public = False
-
-
-class RemoteError(OffloadError):
-    """An exception raised in a worker process that couldn't be sent back as itself
-    (its class or attributes don't pickle).
-
-    ``type_name`` is the original's qualified type name (``"mymodule.ApiError"``),
-    ``remote_message`` its ``str()``, ``remote_traceback`` the formatted traceback from
-    the worker. Answered 500, like any :class:`OffloadError`.
-    """
-
-    def __init__(self, type_name: str, remote_message: str, remote_traceback: str) -> None:
-        super().__init__(f"{type_name}: {remote_message}")
-        self.type_name = type_name
-        self.remote_message = remote_message
-        self.remote_traceback = remote_traceback
 
 
 class RemoteTraceback(Exception):

@@ -4,7 +4,9 @@ A key is the SHA-256 of a canonical JSON document holding a format version, the
 namespace, the prompt and every parameter. Two requests get the same key exactly when a
 backend would see the same input: parameter order does not matter, ``1`` and ``1.0`` are
 the same number, and a parameter set to ``None`` is the same as one left out (backends
-treat ``None`` as "use the default").
+treat ``None`` as "use the default"). The scheduling parameters (:data:`SCHEDULING`:
+``priority``, ``queue_timeout``) say when a request runs, not what it produces, so they
+are left out: an urgent request is served the answer a patient one stored.
 
 Whether a request may be served from a cache at all is :func:`is_deterministic`: only a
 greedy request (temperature 0, ``do_sample=False``, ``top_k=1``) or one with a fixed seed
@@ -19,10 +21,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["KEY_VERSION", "NotCacheable", "cache_key", "is_deterministic", "normalise"]
+__all__ = [
+    "KEY_VERSION",
+    "SCHEDULING",
+    "NotCacheable",
+    "cache_key",
+    "is_deterministic",
+    "normalise",
+]
 
 #: Bumped whenever the normal form changes, so old entries are never misread.
-KEY_VERSION = 1
+KEY_VERSION = 2
+
+#: Parameters that schedule a request without changing its output: not in the key.
+SCHEDULING = frozenset({"priority", "queue_timeout"})
 
 
 class NotCacheable(ValueError):
@@ -62,7 +74,7 @@ def normalise(prompt: str, params: Mapping[str, Any], *, namespace: str = "") ->
         "v": KEY_VERSION,
         "ns": namespace,
         "prompt": prompt,
-        "params": _normal(params, "params"),
+        "params": _normal({k: v for k, v in params.items() if k not in SCHEDULING}, "params"),
     }
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
