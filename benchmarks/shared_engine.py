@@ -1,9 +1,15 @@
 """One engine per host against one engine per worker: same 4 workers, same load.
 
-Both sides serve the same Flask app (``to_asgi``) under ``uvicorn --workers 4``; only
-where the model lives differs. *per-worker*: each worker builds its own engine (no socket
-configured). *shared*: the workers' ``shared_engine(make_engine)`` connects to
-``python -m llmbridge serve`` on a Unix socket. Two backends, each side by side:
+Both sides serve the same Flask app (``to_asgi``) in 4 uvicorn worker processes; only
+where the model lives differs. By default each worker is a uvicorn of its own and client
+``i`` talks to worker ``i % 4``, as a round-robin balancer spreads users, so both sides
+get the same even load; ``--spread kernel`` runs one ``uvicorn --workers 4`` instead,
+whose workers take connections from one shared socket as the kernel hands them out
+(unevenly: a burst of connections mostly lands on one worker).
+
+*per-worker*: each worker builds its own engine (no socket configured). *shared*: the
+workers' ``shared_engine(make_engine)`` connects to ``python -m llmbridge serve`` on a
+Unix socket. Two backends, each side by side:
 
 - ``simulated``: a :class:`SimulatedGenerator` that stands for a model on one GPU. Every
   copy holds ``--model-mb`` of touched memory (its "weights"), and every step holds an
@@ -98,33 +104,12 @@ def _simulated_generator() -> Any:
 
 
 def _transformers_generator() -> Any:
-    import torch
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers_batching import build  # the same random-weight GPT-2, no download
 
     from llmbridge.backends import TransformersGenerator
 
-    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
     width = int(os.environ.get("BENCH_HF_WIDTH", "256"))
-    config = transformers.GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=512,
-        n_embd=width,
-        n_layer=int(os.environ.get("BENCH_HF_LAYERS", "4")),
-        n_head=max(1, width // 64),
-        bos_token_id=1,
-        eos_token_id=None,  # random weights: never stop early, every answer its full length
-        pad_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model, tokenizer = build(int(os.environ.get("BENCH_HF_LAYERS", "4")), width)
     return TransformersGenerator(model, tokenizer, max_new_tokens=512)
 
 
@@ -208,7 +193,7 @@ def _rss_mb(pid: int) -> float:
 
 
 async def _load(
-    url: str,
+    urls: list[str],
     streams: int,
     warmup: float,
     seconds: float,
@@ -227,7 +212,7 @@ async def _load(
     w0, w1 = began_at + warmup, began_at + warmup + seconds
     pool = streams + 8
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool if keep_alive else 0)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
         async def one(i: int) -> None:
             nonlocal completed, errors
@@ -239,7 +224,8 @@ async def _load(
                 n += 1
                 began = time.monotonic()
                 first = None
-                async with client.stream("GET", "/sse", params=params) as r:
+                url = f"{urls[i % len(urls)]}/sse"  # client i always goes to server i % n
+                async with client.stream("GET", url, params=params) as r:
                     if r.status_code != 200:
                         errors += 1
                         await r.aread()
@@ -332,19 +318,28 @@ def run_side(backend: str, shared: bool, args: argparse.Namespace) -> dict[str, 
                 procs.append(engine)
                 wait_ready(sock, timeout=120, proc=engine)
                 env["LLMBRIDGE_ENGINE_SOCKET"] = sock
-            port = _free_port()
-            server = subprocess.Popen(
-                [*UVICORN, "--workers", str(args.workers), "--port", str(port)],
-                env=env,
-                cwd=str(HERE),
-            )
-            procs.append(server)
-            _wait_port(port, 120)
-            url = f"http://127.0.0.1:{port}"
+            # ``even``: one single-worker uvicorn per port, client i on port i % n (as a
+            # round-robin balancer spreads them); ``kernel``: one ``uvicorn --workers n``
+            # whose shared socket the kernel hands connections from (unevenly).
+            servers = 1 if args.spread == "kernel" else args.workers
+            per_server = args.workers if args.spread == "kernel" else 1
+            urls = []
+            for _ in range(servers):
+                port = _free_port()
+                procs.append(
+                    subprocess.Popen(
+                        [*UVICORN, "--workers", str(per_server), "--port", str(port)],
+                        env=env,
+                        cwd=str(HERE),
+                    )
+                )
+                urls.append(f"http://127.0.0.1:{port}")
+            for url in urls:
+                _wait_port(int(url.rsplit(":", 1)[1]), 120)
             # Warm every worker (imports, and a per-worker engine builds its model).
-            asyncio.run(_load(url, args.workers * 4, 0.0, 2.0, 4, False))
+            asyncio.run(_load(urls, args.workers * 4, 0.0, 2.0, 4, False))
             load = (args.streams, args.warmup, args.seconds, args.tokens, not args.new_connections)
-            result = asyncio.run(_load(url, *load, tuple(p.pid for p in procs)))
+            result = asyncio.run(_load(urls, *load, tuple(p.pid for p in procs)))
             holders = [int(p.name.split("-")[1]) for p in folder.glob("model-*")]
             result["model_processes"] = len(holders)
             result["model_rss_mb"] = sum(_rss_mb(pid) for pid in holders)
@@ -468,6 +463,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--tokens", type=int, default=32, help="mean tokens per answer")
     parser.add_argument(
+        "--spread",
+        choices=["even", "kernel"],
+        default="even",
+        help="even: a uvicorn per worker, clients spread round-robin; kernel: uvicorn "
+        "--workers N on one socket",
+    )
+    parser.add_argument(
         "--new-connections", action="store_true", help="a new connection for every request"
     )
     parser.add_argument("--model-mb", type=int, default=200)
@@ -486,7 +488,8 @@ def main() -> None:
         print("(transformers rows not run: torch or transformers is not installed)")
     print(
         f"{args.workers} workers, {args.streams} closed-loop streams of ~{args.tokens} tokens, "
-        f"{'a connection per request' if args.new_connections else 'kept-alive connections'}; "
+        f"{'a connection per request' if args.new_connections else 'kept-alive connections'}, "
+        f"{'spread evenly' if args.spread == 'even' else 'spread by the kernel'}; "
         f"{args.seconds:g} s measured after {args.warmup:g} s, medians of {args.repeat} "
         f"interleaved runs; load average "
         f"{os.getloadavg()[0]:.1f}"

@@ -18,7 +18,8 @@ keepalive = 5
 # One model for all workers: with LLMBRIDGE_ENGINE_TARGET=module:engine set, gunicorn
 # starts that engine in a process of its own before forking the workers, and every
 # worker's `shared_engine(factory)` submits to it over a private Unix socket (mode
-# 0600) instead of loading its own copy. It is stopped after the workers drained.
+# 0600) instead of loading its own copy. It is stopped after the workers drained, or
+# when the arbiter dies (then the workers stop too).
 # docs/howto/shared_engine.md explains it.
 import os  # noqa: E402
 
@@ -28,3 +29,4 @@ if os.environ.get("LLMBRIDGE_ENGINE_TARGET"):
     engine_process = EngineProcess(os.environ["LLMBRIDGE_ENGINE_TARGET"])
     on_starting = engine_process.on_starting
     on_exit = engine_process.on_exit
+    post_fork = engine_process.post_fork  # a worker outlives no arbiter (SIGKILL)

@@ -7,6 +7,7 @@ In ``gunicorn.conf.py``::
     engine_process = EngineProcess("myapp.engines:make_engine")
     on_starting = engine_process.on_starting  # starts it (and restarts it if it dies)
     on_exit = engine_process.on_exit  # stops it, after the workers drained
+    post_fork = engine_process.post_fork  # a worker whose arbiter was killed stops
 
 and in the app, the same code whether the engine is shared or not::
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from llmbridge import BackendError, BadRequest, Cancelled, EngineClosed, Overloaded
@@ -402,6 +403,35 @@ def test_serve_with_a_bad_target_is_one_line_and_status_2(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_a_supervised_engine_that_cannot_start_is_not_restarted(tmp_path: Path) -> None:
+    """`llmbridge serve nowhere:engine` (supervised) gives up on a target that names
+    nothing (one line, exit 2) instead of restarting it forever, so gunicorn's
+    on_starting (EngineProcess.start) fails at once instead of waiting for it."""
+    from llmbridge.gunicorn import EngineProcess
+
+    result = subprocess.run(
+        [*SERVE[:-2], "host_apps:nothing", "--socket", str(tmp_path / "e.sock")],
+        env=host_env(tmp_path),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("llmbridge serve:")
+    with pytest.MonkeyPatch.context() as patch:
+        # EngineProcess sets the socket variable in this process: restored after.
+        patch.setenv("LLMBRIDGE_ENGINE_SOCKET", str(tmp_path / "e.sock"))
+        patch.setenv("PYTHONPATH", host_env(tmp_path)["PYTHONPATH"])
+        patch.chdir(ROOT)
+        process = EngineProcess("host_apps:nothing")
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            process.start()
+    assert process.proc is None
+
+
 def test_metrics_of_any_worker_are_the_host_figures(server: EngineServer) -> None:
     """LLMBridgeCollector over one worker's client counts what every worker submitted."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -424,3 +454,59 @@ def test_metrics_of_any_worker_are_the_host_figures(server: EngineServer) -> Non
     finally:
         a.close(5)
         b.close(5)
+
+
+def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
+    """/llmbridge/v1/stats counts the requests and connections open on the socket (its
+    own left out), and host_checks.assert_drained, which every end-to-end test ends
+    with, fails while a stream or a bare connection is left open and passes once it
+    is closed."""
+    from host_checks import assert_drained, engine_stats, unix_connections
+
+    from llmbridge._host.streams import stream_socket_path
+
+    with engine_server(LLMBRIDGE_ENGINE_KEEP_ALIVE="1") as server:
+        (pid,) = [x["loaded"] for x in server.lines() if "loaded" in x]
+        assert_drained(server.socket, pid)
+        transport = httpx.HTTPTransport(uds=server.socket)
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=10) as raw:
+            body = {"prompt": "held", "request_id": "held-1", "params": {"max_new_tokens": 10_000}}
+            with raw.stream("POST", "/llmbridge/v1/submit", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # held: dropping it would close the response
+                next(lines)
+                stats = engine_stats(server.socket)
+                assert (stats["in_flight"], stats["requests"], stats["connections"]) == (1, 1, 1)
+                assert unix_connections(pid, server.socket) >= 1
+                with pytest.raises(AssertionError, match="'in_flight': 1, 'requests': 1"):
+                    assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)  # closed: the job was cancelled, all is shut
+        # A pooled connection left idle (its client still open) is the engine's to close,
+        # after --keep-alive (LLMBRIDGE_ENGINE_KEEP_ALIVE) seconds.
+        with httpx.Client(transport=httpx.HTTPTransport(uds=server.socket)) as pooled:
+            assert pooled.get("http://engine/llmbridge/v1/health").status_code == 200
+            assert unix_connections(pid, server.socket) == 1
+            assert_drained(server.socket, pid, timeout=10)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bare:
+            bare.connect(server.socket)
+            with pytest.raises(AssertionError, match="'connections': 1, 'stream_connections': 0"):
+                assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)
+        # The stream socket, where workers submit: a held stream there is counted too.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+            held.settimeout(10)
+            held.connect(stream_socket_path(server.socket))
+            request = {
+                "prompt": "held",
+                "request_id": "held-2",
+                "params": {"max_new_tokens": 10_000},
+            }
+            held.sendall(json.dumps(request).encode() + b"\n")
+            assert held.recv(4096).startswith(b'["t"')
+            stats = engine_stats(server.socket)
+            assert (stats["in_flight"], stats["stream_connections"]) == (1, 1)
+            with pytest.raises(
+                AssertionError, match="'stream_connections': 1, 'accepted_sockets': 1"
+            ):
+                assert_drained(server.socket, pid, timeout=0.5)
+        assert_drained(server.socket, pid)

@@ -20,6 +20,8 @@ from test_host import EXPECTED, EngineServer, engine_server
 from llmbridge import BadRequest, LLMBridgeError, UpstreamError, UpstreamRejected
 from llmbridge.gunicorn import EngineClient
 
+from support import wait_until
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -215,3 +217,35 @@ def test_an_upstream_rejection_crosses_with_its_error_object() -> None:
     assert isinstance(again, UpstreamRejected)
     assert again.status == 422
     assert again.error_object == {**fields, "code": None}
+
+
+def test_a_workers_metrics_observer_never_calls_the_engine_process(
+    server: EngineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``llmbridge:`` observer of a worker's EngineClient reads the worker's own
+    load on every admission and end: never a blocking call to the engine process (its
+    ``queued`` / ``in_flight``), which would stall the client's loop per request."""
+    from prometheus_client import REGISTRY
+
+    from llmbridge.metrics import instrument
+
+    client = EngineClient(server.socket, name="observed-client")
+    calls: list[str] = []
+
+    def remote() -> dict[str, Any]:
+        calls.append("remote")
+        raise AssertionError("a blocking call to the engine process on the request path")
+
+    monkeypatch.setattr(client, "remote", remote)
+    try:
+        instrument(client)
+        streams = [client.submit(f"obs {i}", max_new_tokens=4) for i in range(16)]
+        texts = [stream.result(20).text for stream in streams]
+        assert texts == [EXPECTED.expected_text(f"obs {i}", max_new_tokens=4) for i in range(16)]
+        assert wait_until(lambda: client.local_load() == (0, 0))
+        labels = {"engine": "observed-client"}
+        assert REGISTRY.get_sample_value("llmbridge:num_requests_running", labels) == 0
+        assert REGISTRY.get_sample_value("llmbridge:num_requests_waiting", labels) == 0
+    finally:
+        client.close(5)
+    assert calls == []

@@ -19,6 +19,8 @@ if not os.environ.get("CI"):
     pytest.importorskip("torch", reason='pip install torch==2.13.0 "llmbridge[hf]"')
     pytest.importorskip("transformers", reason='pip install "llmbridge[hf]"')
 
+from host_checks import KEEP_ALIVE, assert_drained
+
 from support import PYTHON, free_port, run_server
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,6 +40,7 @@ def test_one_model_copy_serves_every_gunicorn_worker() -> None:
             "LLMBRIDGE_ENGINE_TARGET": "host_hf_apps:engine",
             "HOST_APPS_RECORD": str(record),
             "HF_HUB_OFFLINE": "1",
+            "LLMBRIDGE_ENGINE_KEEP_ALIVE": KEEP_ALIVE,
         }
         args = [PYTHON, "-m", "gunicorn", "-c", "examples/gunicorn.conf.py", "-w", "4"]
         args += ["-k", "gthread", "--threads", "2", "--worker-connections", "2"]
@@ -66,6 +69,8 @@ def test_one_model_copy_serves_every_gunicorn_worker() -> None:
                 t.start()
             for t in threads:
                 t.join(180)
+            loaded = [json.loads(line)["loaded"] for line in record.read_text().splitlines()]
+            assert_drained(env["LLMBRIDGE_ENGINE_SOCKET"], loaded[-1])  # 0 jobs, 0 connections
             assert server.terminate(60) == 0
         assert not errors, errors
         loaded = [json.loads(line)["loaded"] for line in record.read_text().splitlines()]

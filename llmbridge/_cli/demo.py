@@ -4,32 +4,28 @@ engine, from a clone of the repository.
 The first ``Ctrl-C`` (or SIGTERM) stops accepting connections and lets the open
 responses finish, saying how many; a second one ends them at once (each stream gets a
 final ``event: error``) and exits 130, without a traceback.
+
+``--shared-engine [--workers N]`` serves it the way a model is deployed behind several
+workers instead: N gunicorn workers sharing one engine process (:mod:`.demo_shared`).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import os
-import signal
-import socket
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from types import FrameType
 from typing import Any
 
+from .console import Interrupts, listen, preview, say
 from .main import CommandError, checkout
 
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "serve the example Flask app on a simulated engine (from a clone)"
 
-PROMPTS = ("Tell me about engines", "Why one owner thread?", "How do streams stay apart?")
 
 #: Seconds per simulated token: slow enough to watch the cards stream side by side.
 STEP_TIME = 0.05
@@ -54,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="seconds the first Ctrl-C waits for open streams (default 60)",
+    )
+    parser.add_argument(
+        "--shared-engine",
+        action="store_true",
+        help="run the app on gunicorn workers that share one engine process, as "
+        "docs/howto/shared_engine.md deploys a model (each answer names its worker)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="gunicorn workers with --shared-engine (default 2)",
     )
     parser.add_argument(
         "--no-threads",
@@ -115,73 +123,21 @@ class OpenResponses:
             return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
-class Interrupts:
-    """Counts SIGINT/SIGTERM; the handler only sets events (safe at any point)."""
-
-    def __init__(self) -> None:
-        self.first = threading.Event()
-        self.second = threading.Event()
-
-    def handler(self, signum: int, frame: FrameType | None) -> None:
-        (self.second if self.first.is_set() else self.first).set()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self.handler)
-        signal.signal(signal.SIGTERM, self.handler)
-
-
-def preview(base: str, tokens: int) -> None:
-    """Stream a few prompts at once through the server and print each one's text."""
-    results: dict[str, str] = {}
-
-    def read(prompt: str) -> None:
-        query = urllib.parse.urlencode({"prompt": prompt, "max_tokens": tokens})
-        text: list[str] = []
-        try:
-            with urllib.request.urlopen(f"{base}/v1/stream?{query}", timeout=60) as reply:
-                for raw in reply:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("data: ") and '"text"' in line:
-                        text.append(json.loads(line[6:]).get("text", ""))
-        except OSError:
-            return  # the demo is stopping
-        results[prompt] = "".join(text)
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=read, args=(p,), daemon=True) for p in PROMPTS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    elapsed = time.monotonic() - started
-    print(f"{len(results)} concurrent streams in {elapsed:.2f} s, each with its own text:")
-    for prompt in PROMPTS:
-        print(f"  {prompt!r:32} ->{results.get(prompt, ' (no answer)')}")
-    sys.stdout.flush()
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, or one line saying why not (werkzeug's own message is three
-    lines and an exit)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family, backlog=128)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = " (--port 0 picks a free one)" if exc.errno == errno.EADDRINUSE else ""
-        raise CommandError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
-
-
-def _say(text: str) -> None:
-    print(f"llmbridge demo: {text}", flush=True)
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C; blocks. Returns 0 after a drain, 130 after a second Ctrl-C."""
+    if args.workers is not None and not args.shared_engine:
+        raise CommandError("--workers needs --shared-engine (one process serves otherwise)")
+    if args.shared_engine:
+        from .demo_shared import run_shared
+
+        step = args.step_time
+        if step is None:
+            step = float(os.environ.get("FLASK_EXAMPLE_STEP_TIME") or STEP_TIME)
+        return run_shared(args, step)
     root = checkout("examples/flask_app", what="the demo serves examples/flask_app")
     sys.path.insert(0, str(root))
     from werkzeug.serving import make_server
@@ -207,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         local = f"[{local}]" if ":" in local else local
         app.config["EXAMPLE_RETRIEVAL_URL"] = f"http://{local}:{server.port}/kb"
     step = float(app.config["EXAMPLE_STEP_TIME"])
-    _say(f"serving the Flask example app on {base}/ (Ctrl-C to stop)")
+    say(f"serving the Flask example app on {base}/ (Ctrl-C to stop)")
     print(
         f"  The engine is simulated: a stand-in model that streams filler words, one every\n"
         f"  {step * 1000:.0f} ms, so the text is not meant to make sense. Plug in a real one with\n"
@@ -229,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     server.server_close()
     open_now = tracked.count
     if open_now:
-        _say(f"draining {_plural(open_now, 'stream')} (Ctrl-C again to stop now)")
+        say(f"draining {_plural(open_now, 'stream')} (Ctrl-C again to stop now)")
     deadline = time.monotonic() + max(args.drain_timeout, 0.0)
     while not tracked.wait_idle(0.2):
         if interrupts.second.is_set() or time.monotonic() >= deadline:
@@ -239,16 +195,16 @@ def run(args: argparse.Namespace) -> int:
         ending = f"ending {_plural(tracked.count, 'open stream')}"
         if interrupts.second.is_set():
             status = 130
-            _say(f"stopping now: {ending}")
+            say(f"stopping now: {ending}")
         else:
-            _say(f"the drain timeout ({args.drain_timeout:g} s) passed: {ending}")
+            say(f"the drain timeout ({args.drain_timeout:g} s) passed: {ending}")
     # Close on a helper thread: a third Ctrl-C still finds the main thread free, and
     # the engine's close(0) ends what is left with EngineClosed (a final error event).
     closing = threading.Thread(target=_close, args=(bridge, tracked), daemon=True)
     closing.start()
     while closing.is_alive():
         closing.join(0.2)
-    _say("stopped")
+    say("stopped")
     return status
 
 

@@ -18,6 +18,9 @@ from .main import CommandError
 
 HELP = "run the host's shared engine process on a Unix socket"
 
+#: The default of ``--keep-alive``, so a gunicorn config's EngineProcess needs no option.
+KEEP_ALIVE_ENV = "LLMBRIDGE_ENGINE_KEEP_ALIVE"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``llmbridge serve``."""
@@ -35,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         help="seconds streams may run on after SIGTERM (default 10)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        default=float(os.environ.get(KEEP_ALIVE_ENV) or 60.0),
+        help=f"seconds an idle client connection stays open (default ${KEEP_ALIVE_ENV}, else 60)",
     )
     parser.add_argument(
         "--no-restart", action="store_true", help="run one engine process; don't restart it"
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 path,
                 group=args.group,
                 graceful_timeout=args.graceful_timeout,
+                keep_alive=args.keep_alive,
                 log_level=args.log_level,
             )
         except (ValueError, ImportError, AttributeError, OSError) as exc:
@@ -71,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     child = [sys.executable, "-m", "llmbridge", "serve", args.target, "--socket", path]
     child += ["--no-restart", "--exit-with-parent", "--log-level", args.log_level]
     child += ["--graceful-timeout", str(args.graceful_timeout)]
+    child += ["--keep-alive", str(args.keep_alive)]
     if args.group is not None:
         child += ["--group", args.group]
     return supervise(child)

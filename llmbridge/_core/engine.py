@@ -204,6 +204,12 @@ class Engine(Closing):
         """Requests the engine thread has taken that have not ended yet."""
         return self._jobs.in_flight
 
+    def local_load(self) -> tuple[int, int]:
+        """``(in_flight, queued)`` of this engine in this process. Never blocks, also
+        where ``in_flight`` and ``queued`` are another process's figures (an
+        ``EngineClient``'s are the engine process's, over its socket)."""
+        return self._jobs.in_flight, self._queued
+
     @property
     def running(self) -> bool:
         """True while the engine thread is alive in this process."""

@@ -26,6 +26,7 @@ from .._core.engine import Submitter
 from .wire import HEALTH_PATH, SOCKET_ENV
 
 __all__ = [
+    "USAGE_ERROR",
     "EngineProcess",
     "default_socket_path",
     "exit_with_parent",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llmbridge.host")
+
+#: The exit status of an engine process that cannot start (``llmbridge serve``'s one-line
+#: errors): its supervisor gives up instead of restarting it.
+USAGE_ERROR = 2
 
 
 def default_socket_path() -> str:
@@ -89,6 +94,7 @@ def serve_once(
     *,
     group: str | None = None,
     graceful_timeout: float = 10.0,
+    keep_alive: float = 60.0,
     log_level: str = "warning",
 ) -> int:
     """Be the engine process: load ``target``, serve it on ``socket_path`` until SIGTERM
@@ -97,6 +103,7 @@ def serve_once(
     The socket is bound only once the submitter is built and started, so a client that
     connects finds a loaded model. uvicorn stops on the signal, letting responses run up to
     ``graceful_timeout`` seconds (the workers drained theirs before the arbiter stops us).
+    A connection idle for ``keep_alive`` seconds (a worker's pooled one) is closed.
     """
     import uvicorn
 
@@ -113,15 +120,17 @@ def serve_once(
     stream_sock = bind_unix_socket(stream_path, group=group)
     sock = bind_unix_socket(socket_path, group=group)  # last: clients wait for this one
     inodes = {path: os.stat(path).st_ino for path in (socket_path, stream_path)}
+    app = EngineApp(submitter, streams=streams)
     config = uvicorn.Config(
-        EngineApp(submitter, streams=streams),
+        app,
         lifespan="off",
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=int(graceful_timeout) or None,
-        timeout_keep_alive=60,
+        timeout_keep_alive=max(1, round(keep_alive)),
     )
     server = uvicorn.Server(config)
+    app.connections = lambda: len(server.server_state.connections)
     logger.info("engine process %d serves %s on %s", os.getpid(), target, socket_path)
     # uvicorn re-raises the signal that stopped it once it has restored the handlers it
     # found: with the default ones the process would die there, before the engine
@@ -166,7 +175,9 @@ def _stopped(signum: int, frame: Any) -> None:
 def supervise(child: Sequence[str], *, restart_delay: float = 0.5, max_delay: float = 10.0) -> int:
     """Run ``child`` (an engine process's command line) and start it again whenever it
     exits unasked, waiting ``restart_delay`` (doubling while it keeps dying within a
-    second, up to ``max_delay``). SIGTERM / SIGINT stop the child and end with 0. Blocks.
+    second, up to ``max_delay``). SIGTERM / SIGINT stop the child and end with 0. A child
+    that exits with :data:`USAGE_ERROR` (it cannot start: a bad target, a socket in use)
+    is not restarted: this returns 2. Blocks.
     """
     # A plain flag, not a threading.Event: the handler runs on the main thread, maybe
     # inside Event.set's own lock, and an Event would deadlock on it.
@@ -194,6 +205,10 @@ def supervise(child: Sequence[str], *, restart_delay: float = 0.5, max_delay: fl
         code = proc.wait()
         if stopped():
             break
+        if code == USAGE_ERROR:
+            # A target that names nothing, a socket another engine serves: it said why
+            # in one line, and starting it again would fail again, forever.
+            return code
         logger.error("the engine process exited with %s; starting a new one", code)
         print(f"llmbridge serve: engine process exited ({code}); restarting", file=sys.stderr)
         delay = min(delay * 2, max_delay) if time.monotonic() - started < 1.0 else restart_delay
@@ -234,7 +249,8 @@ class EngineProcess:
     :func:`~llmbridge.gunicorn.shared_engine` connects instead of loading a model.
     :meth:`on_starting` starts ``python -m llmbridge serve TARGET`` (a supervisor that
     restarts a crashed engine) and blocks until it answers; :meth:`on_exit`, which
-    gunicorn calls after its workers have drained, stops it. The model is loaded in the
+    gunicorn calls after its workers have drained, stops it; :meth:`post_fork` makes a
+    worker whose arbiter died stop too. The model is loaded in the
     engine process only: never in the arbiter, never before a fork.
     """
 
@@ -307,3 +323,10 @@ class EngineProcess:
     def on_exit(self, server: Any) -> None:
         """gunicorn's ``on_exit`` hook: :meth:`stop`."""
         self.stop()
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        """gunicorn's ``post_fork`` hook: the worker stops (SIGTERM, so it drains) once
+        its arbiter is gone. gthread and sync workers notice that themselves; uvicorn's
+        worker does not, and would serve on, answering 503 without its engine process,
+        after an arbiter killed with SIGKILL (no ``on_exit`` ran). Never blocks."""
+        exit_with_parent()

@@ -3,8 +3,10 @@
 :class:`EngineApp` is a plain ASGI app (no framework: each request costs one parse and
 one :class:`~llmbridge._web.body.StreamBody`). ``POST /llmbridge/v1/submit`` takes
 ``{"prompt", "request_id", "params"}``, waits for the first output and streams the SSE
-wire of :mod:`.wire`; ``GET /llmbridge/v1/stats`` answers the engine's counters, so a
-worker's metrics are the host's; ``/v1/...`` is the OpenAI surface over the same
+wire of :mod:`.wire`; ``GET /llmbridge/v1/stats`` answers the engine's counters (so a
+worker's metrics are the host's) and what is still open on the socket: ``requests``
+(HTTP requests being served, the stats request itself left out) and ``connections``
+(client connections, its own left out); ``/v1/...`` is the OpenAI surface over the same
 submitter (:class:`~llmbridge._openai.routes.Routes`), for OpenAI clients.
 
 A client that goes (its worker closed the response, or the worker died) is seen as the
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from .._core.engine import Submitter
@@ -39,11 +42,15 @@ logger = logging.getLogger("llmbridge.host")
 
 
 class EngineApp:
-    """The ASGI app the engine process serves. Thread-safe (no per-request state).
+    """The ASGI app the engine process serves, from one event loop (its counts are
+    that loop's).
 
     ``submitter`` is an :class:`~llmbridge.Engine` or a
     :class:`~llmbridge.policies.Pipeline`; ``stats_of`` the engine whose counters
-    ``/llmbridge/v1/stats`` answers (default: ``submitter.engine`` or ``submitter``).
+    ``/llmbridge/v1/stats`` answers (default: ``submitter.engine`` or ``submitter``);
+    ``connections`` a callable counting the server's open client connections (the
+    server knows them, not the app: :func:`~llmbridge._host.process.serve_once` passes
+    uvicorn's), reported as ``connections`` (``null`` without it).
     """
 
     def __init__(
@@ -53,12 +60,16 @@ class EngineApp:
         stats_of: Any = None,
         heartbeat: float | None = 15.0,
         streams: StreamServer | None = None,
+        connections: Callable[[], int] | None = None,
     ) -> None:
         self.submitter = submitter
         self.stats_of = stats_of or getattr(submitter, "engine", submitter)
         self.heartbeat = heartbeat
         self.streams = streams
+        self.connections = connections
         self._openai: Any = None
+        # Only touched on the server's one event loop: no lock.
+        self._requests = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -66,6 +77,13 @@ class EngineApp:
             return
         if scope["type"] != "http":
             return
+        self._requests += 1
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            self._requests -= 1
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         if path == SUBMIT_PATH and method == "POST":
@@ -89,11 +107,16 @@ class EngineApp:
     def _stats(self) -> dict[str, Any]:
         engine = self.stats_of
         stats = getattr(engine, "stats", None)
+        # The stats request itself is one request on one connection: left out, so
+        # an idle engine process reads 0 and 0.
+        connections = self.connections() - 1 if self.connections is not None else None
         return {
             "pid": os.getpid(),
             "stats": stats.as_dict() if stats is not None else {},
             "queued": int(getattr(engine, "queued", 0)),
             "in_flight": int(getattr(engine, "in_flight", 0)),
+            "requests": self._requests - 1,
+            "connections": connections,
             "stream_connections": self.streams.connections if self.streams is not None else 0,
         }
 

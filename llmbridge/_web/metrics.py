@@ -198,13 +198,16 @@ class EngineMetrics:
         return f"<EngineMetrics {self.engine.name!r}>"
 
     def _gauges(self) -> None:
-        engine = self.engine
-        self._running.set(engine.in_flight)
-        self._waiting.set(engine.queued)
+        # This process's own figures, never another's: they are read on the request
+        # path (an EngineClient's ``queued`` is a call to the engine process), and
+        # multiprocess gauges add up the workers'. Host-wide: LLMBridgeCollector.
+        running, waiting = self.engine.local_load()
+        self._running.set(running)
+        self._waiting.set(waiting)
 
     def request_admitted(self) -> None:
         """A request was queued: refresh the waiting gauge."""
-        self._waiting.set(self.engine.queued)
+        self._waiting.set(self.engine.local_load()[1])
 
     def job_ended(self) -> None:
         """A backend job ended (or left the queue unstarted): refresh both gauges."""
