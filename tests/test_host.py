@@ -476,7 +476,8 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
                 lines = r.iter_lines()  # held: dropping it would close the response
                 next(lines)
                 stats = engine_stats(server.socket)
-                assert (stats["in_flight"], stats["requests"], stats["connections"]) == (1, 1, 1)
+                assert (stats["in_flight"], stats["requests"]) == (1, 1)
+                assert stats["connections"] >= 1  # an earlier stats call's may still close
                 assert unix_connections(pid, server.socket) >= 1
                 with pytest.raises(AssertionError, match="'in_flight': 1, 'requests': 1"):
                     assert_drained(server.socket, pid, timeout=0.5)
@@ -489,7 +490,9 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
             assert_drained(server.socket, pid, timeout=10)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bare:
             bare.connect(server.socket)
-            with pytest.raises(AssertionError, match="'connections': 1, 'stream_connections': 0"):
+            with pytest.raises(
+                AssertionError, match=r"'connections': [1-9], 'stream_connections': 0"
+            ):
                 assert_drained(server.socket, pid, timeout=0.5)
         assert_drained(server.socket, pid)
         # The stream socket, where workers submit: a held stream there is counted too.
@@ -505,8 +508,10 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
             assert held.recv(4096).startswith(b'["t"')
             stats = engine_stats(server.socket)
             assert (stats["in_flight"], stats["stream_connections"]) == (1, 1)
+            # At least this one accepted socket (the stats call's own may not be closed
+            # on the engine's side yet).
             with pytest.raises(
-                AssertionError, match="'stream_connections': 1, 'accepted_sockets': 1"
+                AssertionError, match=r"'stream_connections': 1, 'accepted_sockets': [1-9]"
             ):
                 assert_drained(server.socket, pid, timeout=0.5)
         assert_drained(server.socket, pid)
