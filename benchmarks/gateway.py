@@ -44,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _proctree import cpu_seconds, peak_rss_mb  # noqa: E402
+
 from support import free_port, wait_for_port  # noqa: E402
 
 FIRST_TOKEN = 0.020
@@ -59,7 +61,6 @@ SCENARIOS = [
     ("256 streams", 256, True, 1),
     ("64 non-streamed", 64, False, 4),
 ]
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the fake upstream (run with --serve-upstream PORT) --------------------------------
@@ -214,44 +215,6 @@ def __getattr__(name: str) -> Any:
         app.register_blueprint(flask_blueprint(_engine(), settings=_settings(), auth=None))
         return to_asgi(app)
     raise AttributeError(name)
-
-
-# -- process accounting ------------------------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = Path(f"/proc/{pid}/task/{task.name}/children")
-        if children.exists():
-            for child in children.read_text().split():
-                found += _tree(int(child))
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants, in seconds."""
-    total = 0
-    for p in _tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The sum of ``VmHWM`` (peak resident set) over ``pid``'s process tree, in MB."""
-    kb = 0
-    for p in _tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    kb += int(line.split()[1])
-        except FileNotFoundError:
-            continue
-    return kb / 1024
 
 
 # -- the load ---------------------------------------------------------------------------
