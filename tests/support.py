@@ -246,3 +246,16 @@ class JsonlRecord:
                 return lines
             time.sleep(0.02)
         raise AssertionError(f"not seen within {timeout} s: {self.lines()[-5:]}")
+
+
+async def read_http_body(reader: Any) -> bytes:
+    """Read one HTTP/1.1 request's head and its ``Content-Length`` body from an
+    ``asyncio.StreamReader`` (the raw fake upstreams' parser); the body's bytes.
+    Raises ``asyncio.IncompleteReadError`` when the client goes first."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    body: bytes = await reader.readexactly(length)
+    return body

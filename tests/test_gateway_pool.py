@@ -26,6 +26,8 @@ from llmbridge._backends.openai.pools import ShardedPool, split
 from llmbridge.backends import OpenAIBackend
 from llmbridge.metrics import LLMBridgeCollector
 
+from support import read_http_body
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -67,12 +69,7 @@ class HoldingUpstream:
             self.peak = max(self.peak, self.open_now)
         try:
             while True:  # one request after another on this connection (keep-alive)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                prompt = json.loads(await reader.readexactly(length))["prompt"]
+                prompt = json.loads(await read_http_body(reader))["prompt"]
                 await self.respond(prompt, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

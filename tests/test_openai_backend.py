@@ -25,7 +25,7 @@ from llmbridge.backends import OpenAIBackend
 from llmbridge.openai import render_messages
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, Server, free_port, run_server
+from support import PYTHON, Server, free_port, read_http_body, run_server
 
 EXPECTED = SimulatedGenerator()
 
@@ -59,12 +59,7 @@ class TinyUpstream:
             self.peak = max(self.peak, self.open_now)
         tag = "?"
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            body = json.loads(await reader.readexactly(length))
+            body = json.loads(await read_http_body(reader))
             marker = body.get("prompt") or body["messages"][-1]["content"]
             _, mode, tag = marker.split(":", 2)
             await self.respond(mode, tag, reader, writer)
