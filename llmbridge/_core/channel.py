@@ -253,11 +253,7 @@ class Channel:
                 self._prompt_tokens = prompt_tokens
             if completion_tokens is not None:
                 self._completion_tokens = completion_tokens
-            self._t_end = time.monotonic()
-            self._on_cancel = None
-            self._wake_locked(wakeups)
-            self._wake_producer_locked()
-            on_end, self._on_end = self._on_end, None
+            on_end = self._ended_locked(wakeups)
         if on_end is not None:
             on_end()
         return True
@@ -270,14 +266,20 @@ class Channel:
             self._state = _FAILED
             self._error = error
             self._finish_reason = "cancelled" if isinstance(error, Cancelled) else "error"
-            self._t_end = time.monotonic()
-            self._on_cancel = None
-            self._wake_locked(wakeups)
-            self._wake_producer_locked()
-            on_end, self._on_end = self._on_end, None
+            on_end = self._ended_locked(wakeups)
         if on_end is not None:
             on_end()
         return True
+
+    def _ended_locked(self, wakeups: Wakeups | None) -> Callable[[], None] | None:
+        """What every end does under the lock, once the state is set: stamp the time,
+        wake both sides, and hand back the ``on_end`` hook to run outside the lock."""
+        self._t_end = time.monotonic()
+        self._on_cancel = None
+        self._wake_locked(wakeups)
+        self._wake_producer_locked()
+        on_end, self._on_end = self._on_end, None
+        return on_end
 
     def _wake_locked(self, wakeups: Wakeups | None) -> None:
         if self._sync_waiters:

@@ -395,13 +395,7 @@ class OpenAIBackend:
         attempt: _Attempt,
     ) -> None:
         response = await client.post(call.path, json=body)
-        if response.status_code >= 400:
-            raise status_error(
-                response.status_code,
-                response.reason_phrase,
-                response.headers.get("retry-after"),
-                response.content,
-            )
+        await _raise_for_status(response)
         raw = response.text
         data = json_object(raw)
         progress = Progress()
@@ -434,13 +428,7 @@ class OpenAIBackend:
         # when the consumer goes away) closes the response; unread, its connection is
         # closed rather than pooled, so the upstream sees the disconnect at once.
         async with client.stream("POST", call.path, json=body) as response:
-            if response.status_code >= 400:
-                raise status_error(
-                    response.status_code,
-                    response.reason_phrase,
-                    response.headers.get("retry-after"),
-                    await response.aread(),
-                )
+            await _raise_for_status(response)
             decoder = SSEDecoder()
             progress = Progress()
             reads = response.aiter_bytes()
@@ -497,3 +485,15 @@ async def _read_to_end(reads: AsyncIterator[bytes]) -> None:
                 pass
         except httpx.HTTPError:
             pass  # the answer is complete; this connection just isn't reused
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    """Raise the error an upstream's error status stands for (see :mod:`.errors`),
+    reading its body first if it is a stream."""
+    if response.status_code >= 400:
+        raise status_error(
+            response.status_code,
+            response.reason_phrase,
+            response.headers.get("retry-after"),
+            await response.aread(),
+        )
