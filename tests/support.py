@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,27 @@ async def read_http_body(reader: Any) -> bytes:
             length = int(line.split(b":", 1)[1])
     body: bytes = await reader.readexactly(length)
     return body
+
+
+@dataclass
+class CountsConnections:
+    """A fake server's connection counts: accepted, open now, and open at most.
+    ``with self.connection():`` around a connection's handler keeps them. Thread-safe."""
+
+    accepted: int = 0
+    open_now: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[None]:
+        """Count one connection for as long as the block runs."""
+        with self.lock:
+            self.accepted += 1
+            self.open_now += 1
+            self.peak = max(self.peak, self.open_now)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.open_now -= 1

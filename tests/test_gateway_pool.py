@@ -14,7 +14,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.from_thread
@@ -26,23 +26,19 @@ from llmbridge._backends.openai.pools import ShardedPool, split
 from llmbridge.backends import OpenAIBackend
 from llmbridge.metrics import LLMBridgeCollector
 
-from support import read_http_body
+from support import CountsConnections, read_http_body
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @dataclass
-class HoldingUpstream:
+class HoldingUpstream(CountsConnections):
     """A keep-alive HTTP/1.1 upstream: each streamed completion sends one event, then
     waits for :meth:`release` before it ends. Counts connections accepted, open now and
     at most, and requests holding their stream now."""
 
     url: str = ""
-    accepted: int = 0
-    open_now: int = 0
-    peak: int = 0
     holding: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
     portal: Any = None
     _release: asyncio.Event | None = None
 
@@ -63,20 +59,15 @@ class HoldingUpstream:
         self._release.clear()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self.lock:
-            self.accepted += 1
-            self.open_now += 1
-            self.peak = max(self.peak, self.open_now)
-        try:
-            while True:  # one request after another on this connection (keep-alive)
-                prompt = json.loads(await read_http_body(reader))["prompt"]
-                await self.respond(prompt, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            with self.lock:
-                self.open_now -= 1
-            writer.close()
+        with self.connection():
+            try:
+                while True:  # one request after another on this connection (keep-alive)
+                    prompt = json.loads(await read_http_body(reader))["prompt"]
+                    await self.respond(prompt, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
 
     async def respond(self, prompt: str, writer: asyncio.StreamWriter) -> None:
         def chunk(data: bytes) -> bytes:

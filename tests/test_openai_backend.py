@@ -25,22 +25,19 @@ from llmbridge.backends import OpenAIBackend
 from llmbridge.openai import render_messages
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, Server, free_port, read_http_body, run_server
+from support import PYTHON, CountsConnections, Server, free_port, read_http_body, run_server
 
 EXPECTED = SimulatedGenerator()
 
 
 @dataclass
-class TinyUpstream:
+class TinyUpstream(CountsConnections):
     """A deliberately small HTTP/1.1 server: the request's prompt (or last message) picks
     its behaviour, ``mode:<name>:<tag>``; ``closed[tag]`` is when that connection closed."""
 
     url: str = ""
     closed: dict[str, float] = field(default_factory=dict)
     events: dict[str, threading.Event] = field(default_factory=dict)
-    open_now: int = 0
-    peak: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def closed_event(self, tag: str) -> threading.Event:
         with self.lock:
@@ -54,22 +51,18 @@ class TinyUpstream:
         event.set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self.lock:
-            self.open_now += 1
-            self.peak = max(self.peak, self.open_now)
         tag = "?"
-        try:
-            body = json.loads(await read_http_body(reader))
-            marker = body.get("prompt") or body["messages"][-1]["content"]
-            _, mode, tag = marker.split(":", 2)
-            await self.respond(mode, tag, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            with self.lock:
-                self.open_now -= 1
-            writer.close()
-            self._record_close(tag)
+        with self.connection():
+            try:
+                body = json.loads(await read_http_body(reader))
+                marker = body.get("prompt") or body["messages"][-1]["content"]
+                _, mode, tag = marker.split(":", 2)
+                await self.respond(mode, tag, reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+        self._record_close(tag)
 
     async def respond(
         self, mode: str, tag: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
