@@ -284,3 +284,52 @@ class CountsConnections:
         finally:
             with self.lock:
                 self.open_now -= 1
+
+
+@dataclass
+class RawUpstream(CountsConnections):
+    """A fake HTTP server on raw ``asyncio`` streams, run on a loop in a thread of this
+    process by :meth:`running`. Subclasses write ``handle(reader, writer)``; ``path`` is
+    what :attr:`url` ends with; :meth:`starting` runs on the server's loop first (make
+    loop-bound state there), :meth:`stopping` when it stops."""
+
+    url: str = ""
+    path: str = ""
+    portal: Any = None
+
+    async def handle(self, reader: Any, writer: Any) -> None:
+        raise NotImplementedError
+
+    async def starting(self) -> None:
+        """Called on the server's loop before it listens."""
+
+    def stopping(self) -> None:
+        """Called on the server's loop as it stops."""
+
+    async def _serve(self, ready: threading.Event, stop: Any) -> None:
+        import asyncio
+
+        await self.starting()
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0, backlog=512)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{self.path}"
+        ready.set()
+        async with server:
+            await stop.wait()
+            self.stopping()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Any]:
+        """Serve on 127.0.0.1 (an ephemeral port) for the block; yields ``self``."""
+        import asyncio
+
+        import anyio.from_thread
+
+        ready = threading.Event()
+        with anyio.from_thread.start_blocking_portal() as portal:
+            self.portal = portal
+            stop = portal.call(asyncio.Event)
+            future = portal.start_task_soon(self._serve, ready, stop)
+            assert ready.wait(10)
+            yield self
+            portal.call(stop.set)
+            future.result(10)

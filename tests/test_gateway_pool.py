@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,20 +25,19 @@ from llmbridge._backends.openai.pools import ShardedPool, split
 from llmbridge.backends import OpenAIBackend
 from llmbridge.metrics import LLMBridgeCollector
 
-from support import CountsConnections, read_http_body
+from support import RawUpstream, read_http_body
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @dataclass
-class HoldingUpstream(CountsConnections):
+class HoldingUpstream(RawUpstream):
     """A keep-alive HTTP/1.1 upstream: each streamed completion sends one event, then
     waits for :meth:`release` before it ends. Counts connections accepted, open now and
     at most, and requests holding their stream now."""
 
-    url: str = ""
+    path: str = "/v1"
     holding: int = 0
-    portal: Any = None
     _release: asyncio.Event | None = None
 
     def release(self) -> None:
@@ -93,28 +91,18 @@ class HoldingUpstream(CountsConnections):
         writer.write(event("end", "stop") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await writer.drain()
 
-    async def serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
+    async def starting(self) -> None:
         self._release = asyncio.Event()
-        server = await asyncio.start_server(self.handle, "127.0.0.1", 0, backlog=512)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        ready.set()
-        async with server:
-            await stop.wait()
-            self._release.set()
+
+    def stopping(self) -> None:
+        assert self._release is not None
+        self._release.set()
 
 
 @pytest.fixture
 def holding() -> Iterator[HoldingUpstream]:
-    upstream = HoldingUpstream()
-    ready = threading.Event()
-    with anyio.from_thread.start_blocking_portal() as portal:
-        upstream.portal = portal
-        stop = portal.call(asyncio.Event)
-        future = portal.start_task_soon(upstream.serve, ready, stop)
-        assert ready.wait(10)
+    with HoldingUpstream().running() as upstream:
         yield upstream
-        portal.call(stop.set)
-        future.result(10)
 
 
 def pooled_connections(backend: OpenAIBackend) -> list[int]:

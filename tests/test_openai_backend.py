@@ -25,17 +25,16 @@ from llmbridge.backends import OpenAIBackend
 from llmbridge.openai import render_messages
 from llmbridge.testing import SimulatedGenerator
 
-from support import PYTHON, CountsConnections, Server, free_port, read_http_body, run_server
+from support import PYTHON, RawUpstream, Server, free_port, read_http_body, run_server
 
 EXPECTED = SimulatedGenerator()
 
 
 @dataclass
-class TinyUpstream(CountsConnections):
+class TinyUpstream(RawUpstream):
     """A deliberately small HTTP/1.1 server: the request's prompt (or last message) picks
     its behaviour, ``mode:<name>:<tag>``; ``closed[tag]`` is when that connection closed."""
 
-    url: str = ""
     closed: dict[str, float] = field(default_factory=dict)
     events: dict[str, threading.Event] = field(default_factory=dict)
 
@@ -118,27 +117,12 @@ class TinyUpstream(CountsConnections):
         finally:
             eof.cancel()
 
-    async def serve(self, ready: threading.Event, stop: asyncio.Event) -> None:
-        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        ready.set()
-        async with server:
-            await stop.wait()
-
 
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[TinyUpstream]:
     """The tiny failing upstream, on a loop in a thread of this process."""
-    upstream = TinyUpstream()
-    ready = threading.Event()
-    with anyio.from_thread.start_blocking_portal() as portal:
-        stop = portal.call(asyncio.Event)
-        future = portal.start_task_soon(upstream.serve, ready, stop)
-        assert ready.wait(10)
+    with TinyUpstream().running() as upstream:
         yield upstream
-        portal.call(stop.set)
-        future.result(10)
 
 
 @pytest.fixture(scope="module")
