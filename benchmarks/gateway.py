@@ -19,7 +19,8 @@ over ``--repeats`` repeats (``--only`` picks scenarios). Reported per scenario a
 repeats: added time to first chunk and total (p50 and p99 of the target minus those of
 ``direct`` in the same repeat, then the median over repeats), requests/s, the CPU
 seconds per 1,000 requests of the target's process tree (utime + stime from
-``/proc/<pid>/stat``, children included) and its peak RSS (sum of ``VmHWM``).
+``/proc/<pid>/stat``, children included) and its peak RSS (sum of ``VmHWM``). Below the
+table: what each server burns idle (10 s before the load).
 
     python benchmarks/gateway.py --litellm-python /work/venv-litellm/bin/python
     python benchmarks/gateway.py                     # without LiteLLM
@@ -53,6 +54,8 @@ TOKENS = 20
 TOKEN_GAP = 0.010
 WHOLE = 0.020
 MODEL = "sim"
+#: Seconds every server is left idle before the load, to measure what idling costs it.
+IDLE_SECONDS = 10.0
 #: (name, concurrency, streamed, rounds): each of ``concurrency`` clients sends ``rounds``
 #: requests one after another.
 SCENARIOS = [
@@ -294,6 +297,11 @@ async def load(url: str, concurrency: int, streamed: bool, rounds: int) -> Sampl
 # -- servers ------------------------------------------------------------------------------
 
 
+def _proc(name: str) -> str:
+    """The process a target's CPU is read from (``direct``: the fake upstream)."""
+    return "upstream" if name == "direct" else name
+
+
 def _uvicorn(python: str, target: str, port: int, uvloop_ok: bool) -> list[str]:
     argv = [python, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--http", "h11", "--loop", "uvloop" if uvloop_ok else "asyncio"]
@@ -395,6 +403,14 @@ def main() -> None:
             litellm_note = f"litellm under uvicorn, loop {'uvloop' if lite_uvloop else 'asyncio'}"
         for url in urls.values():
             _warm(url)
+        # What each server spends doing nothing (timers, its loop's tick): part of every
+        # CPU figure, and most of it at one stream.
+        idle_before = {name: cpu_seconds(procs[_proc(name)].pid) for name in urls}
+        time.sleep(IDLE_SECONDS)
+        idle = {
+            name: (cpu_seconds(procs[_proc(name)].pid) - idle_before[name]) / IDLE_SECONDS
+            for name in urls
+        }
 
         targets = list(urls)
         scenarios = [s for s in SCENARIOS if not args.only or s[0] in args.only]
@@ -421,6 +437,10 @@ def main() -> None:
         loop_name = "uvloop" if uvloop_ok else "asyncio (uvloop missing)"
         print(f"\nservers: uvicorn --http h11 --loop {loop_name}; {litellm_note}")
         print("direct's CPU and RSS are the fake upstream's own.")
+        print(
+            f"idle CPU over {IDLE_SECONDS:g} s before the load, % of a core: "
+            + ", ".join(f"{name} {100 * share:.1f}" for name, share in idle.items())
+        )
         backend = "stream=False" if args.backend_whole else "stream=True (the default)"
         print(
             f"llmbridge gateways: OpenAIBackend({backend}, max_concurrency=1024,"

@@ -515,3 +515,25 @@ def test_stats_count_what_is_open_and_the_drained_check_sees_it() -> None:
             ):
                 assert_drained(server.socket, pid, timeout=0.5)
         assert_drained(server.socket, pid)
+
+
+def test_the_openai_sdk_reaches_the_socket(server: EngineServer) -> None:
+    """The official ``openai`` SDK, given an httpx client on the engine's socket (as
+    docs/howto/shared_engine.md says), streams and completes, and sees a bad request as
+    its own ``BadRequestError``."""
+    import httpx
+    import openai
+
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=server.socket), timeout=20)
+    sdk = openai.OpenAI(base_url="http://engine/v1", api_key="unused", http_client=http)
+    try:
+        chunks = sdk.completions.create(model="llmbridge", prompt="sdk", max_tokens=5, stream=True)
+        text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+        assert text == EXPECTED.expected_text("sdk", 5)
+        whole = sdk.completions.create(model="llmbridge", prompt="sdk", max_tokens=5)
+        assert whole.choices[0].text == EXPECTED.expected_text("sdk", 5)
+        assert [m.id for m in sdk.models.list()]
+        with pytest.raises(openai.BadRequestError):
+            sdk.completions.create(model="llmbridge", prompt="sdk", max_tokens=-1)
+    finally:
+        http.close()
