@@ -267,15 +267,6 @@ class Bridge:
         """The twin's ``/metrics`` view over ``render``."""
         raise NotImplementedError
 
-    def probe_paths(self, app: Any) -> tuple[str, str] | None:
-        """The liveness and readiness paths installed on ``app`` (prefix included), or
-        ``None`` if it has no probes (``health=False``) or isn't this bridge's. A server
-        in front that drains (``llmbridge.asgi``) lets the liveness probe through."""
-        state = self._apps.get(app)
-        if state is None or not state.settings["health"]:
-            return None
-        return health_paths(state.settings)
-
     def _install_health(self, app: Any, state: AppState) -> None:
         """Add the liveness and readiness routes (see :mod:`llmbridge._web.health`)."""
         settings = state.settings

@@ -136,7 +136,6 @@ class WSGIMiddleware:
         self._on_shutdown = as_hooks(on_shutdown)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0
-        self._live_path: str | None = None  # found on first use: see _liveness_probe
 
     def __repr__(self) -> str:
         return f"<WSGIMiddleware {self.app!r} workers={self.workers}>"
@@ -236,27 +235,8 @@ class WSGIMiddleware:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _liveness_probe(self, scope: Scope) -> bool:
-        """Whether ``scope`` is a GET of the wrapped app's liveness probe (a bridge's
-        ``probe_paths``; an app without a bridge has none)."""
-        if scope.get("method") not in ("GET", "HEAD"):
-            return False
-        if self._live_path is None:
-            bridge = getattr(self.app, "extensions", {}).get("llmbridge")
-            paths = getattr(bridge, "probe_paths", lambda app: None)(self.app)
-            self._live_path = paths[0] if paths else ""
-        if not self._live_path:
-            return False
-        path: str = scope.get("path", "")
-        prefix = scope.get("root_path") or self.script_name
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix) :]
-        return path == self._live_path
-
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.drain.admitting and not self._liveness_probe(scope):
-            # Draining: new work is refused (the readiness probe too: not ready), but
-            # the process is alive, so its liveness probe still answers.
+        if not self.drain.admitting:
             await send_problem(send, self.drain.refusal())
             return
         portal = LoopPortal()
