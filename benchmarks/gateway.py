@@ -180,13 +180,12 @@ def _engine() -> Any:
 
     upstream = os.environ["GATEWAY_UPSTREAM"]
     # Room for the largest scenario (256 streams) and more: the connections are sized
-    # from max_concurrency by default (in pools of connections_per_pool).
+    # from max_concurrency by default.
     backend = OpenAIBackend(
         upstream,
         model=MODEL,
         stream=os.environ.get("GATEWAY_BACKEND_STREAM", "1") == "1",
         max_concurrency=1024,
-        connections_per_pool=int(os.environ.get("GATEWAY_CONNECTIONS_PER_POOL", "4")),
     )
     return Engine(backend, max_queued=4096)
 
@@ -340,12 +339,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="+", help="scenario names to run (default: all)")
     parser.add_argument(
-        "--connections-per-pool",
-        type=int,
-        default=4,
-        help="OpenAIBackend(connections_per_pool=...) for the llmbridge gateways",
-    )
-    parser.add_argument(
         "--backend-whole",
         action="store_true",
         help="OpenAIBackend(stream=False): whole upstream answers (for non-streamed runs)",
@@ -364,7 +357,6 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{up_port}/v1"
     env["GATEWAY_UPSTREAM"] = upstream
     env["GATEWAY_BACKEND_STREAM"] = "0" if args.backend_whole else "1"
-    env["GATEWAY_CONNECTIONS_PER_POOL"] = str(args.connections_per_pool)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls = {"direct": f"http://127.0.0.1:{up_port}"}
     scratch = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -442,10 +434,7 @@ def main() -> None:
             + ", ".join(f"{name} {100 * share:.1f}" for name, share in idle.items())
         )
         backend = "stream=False" if args.backend_whole else "stream=True (the default)"
-        print(
-            f"llmbridge gateways: OpenAIBackend({backend}, max_concurrency=1024,"
-            f" connections_per_pool={args.connections_per_pool})"
-        )
+        print(f"llmbridge gateways: OpenAIBackend({backend}, max_concurrency=1024)")
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -58,8 +58,7 @@ class LLMBridgeCollector(Collector):
     (``llmbridge_backend_limit{limit="max_concurrency"|"max_connections"|...}``) and per
     upstream ``llmbridge_upstream_requests_total``, ``..._failures_total``,
     ``..._failovers_total``, ``llmbridge_upstream_outstanding``,
-    ``llmbridge_upstream_pools_open`` and
-    ``llmbridge_upstream_cooling_down``; and for a pipeline
+    and ``llmbridge_upstream_cooling_down``; and for a pipeline
     ``llmbridge_pipeline_<counter>_total`` (cache hits, coalesced requests, rate-limited,
     ...). ``collect()`` only reads counters: thread-safe, never blocks.
     """
@@ -113,9 +112,6 @@ class LLMBridgeCollector(Collector):
         for key in (
             "max_concurrency",
             "max_connections",
-            "max_keepalive",
-            "connections_per_pool",
-            "pools",
         ):
             if isinstance(stats.get(key), int):
                 limits.add_metric([self.name, key], stats[key])
@@ -130,7 +126,6 @@ class LLMBridgeCollector(Collector):
             ("failures", "Requests that failed on the upstream's side.", CounterMetricFamily),
             ("failovers", "Requests moved from this upstream to another.", CounterMetricFamily),
             ("outstanding", "Requests in flight to the upstream.", GaugeMetricFamily),
-            ("pools_open", "Connection pools open to the upstream.", GaugeMetricFamily),
             (
                 "cooling_down",
                 "1 while the upstream's breaker keeps requests away.",

@@ -7,7 +7,7 @@ hypercorn). Knobs, all optional: ``MODEL_MAP`` (``client=upstream`` pairs, comma
 separated, applied to every upstream), ``GATEWAY_CACHE=1`` (a
 :class:`~llmbridge.policies.Pipeline` with a memory cache, non-deterministic requests
 included), ``FAILURES`` / ``COOLDOWN`` (the backend's breaker), ``MAX_CONCURRENCY``,
-``MAX_CONNECTIONS`` / ``MAX_KEEPALIVE`` (each upstream's pool),
+``MAX_CONNECTIONS`` (each upstream's pool),
 ``PASSTHROUGH=0`` (the routes translate requests instead of forwarding them, and the
 backend always streams upstream: how ``/v1`` over ``OpenAIBackend`` worked before
 passthrough, for ``benchmarks/gateway_nonstreamed.py``).
@@ -41,7 +41,6 @@ def _submitter() -> Any:
         max_connections=int(os.environ["MAX_CONNECTIONS"])
         if "MAX_CONNECTIONS" in os.environ
         else None,
-        max_keepalive=int(os.environ["MAX_KEEPALIVE"]) if "MAX_KEEPALIVE" in os.environ else None,
         timeout=30,
         stream=True,
     )

@@ -203,6 +203,44 @@ def test_async_backend_aopen_and_aclose_run_on_the_engine_loop() -> None:
     assert len({e[1] for e in events}) == 1
 
 
+_LOOP_PROBE = """
+import asyncio, sys
+from llmbridge import Engine
+from llmbridge.backends import serve_async
+
+class Probe:
+    async def generate(self, request, job):
+        job.emit(type(asyncio.get_running_loop()).__module__)
+
+    def serve(self, jobs):
+        serve_async(self, jobs, max_concurrency=4)
+
+with Engine(Probe()) as engine:
+    print(engine.submit("x").result(timeout=10).text)
+"""
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "without-uvloop"])
+def test_async_backends_run_on_uvloop_when_it_is_installed(uvloop: bool) -> None:
+    """The engine thread's loop is uvloop's when uvloop imports (the http extra installs
+    it), and asyncio's otherwise; a backend works on either."""
+    import subprocess
+    import sys
+
+    if uvloop:
+        pytest.importorskip("uvloop")
+    hide = "" if uvloop else "import sys; sys.modules['uvloop'] = None\n"
+    done = subprocess.run(
+        [sys.executable, "-c", hide + _LOOP_PROBE], capture_output=True, text=True, timeout=25
+    )
+    assert done.returncode == 0, done.stderr
+    module = done.stdout.strip()
+    if uvloop:
+        assert module == "uvloop"
+    else:
+        assert module.startswith("asyncio"), module
+
+
 def test_bad_callable_backend_options() -> None:
     """Zero or negative pool sizes fail at construction."""
     with pytest.raises(ValueError, match="max_threads"):

@@ -1,11 +1,8 @@
-"""OpenAIBackend's connections: several small httpx pools per upstream, never one big one.
+"""OpenAIBackend's connections to an upstream: sized from the configuration, kept alive
+between requests, never more than ``max_connections``, and visible in the metrics.
 
-httpcore scans every connection of a pool on each request and each response close, so
-with one pool per upstream a request's cost grew with the number of requests in flight
-(59% of the engine thread at 64 concurrent whole answers). These tests hold many
-requests open at a real keep-alive upstream on 127.0.0.1 and count the connections each
-pool holds; the last ones check :class:`~llmbridge._backends.openai.pools.ShardedPool`
-without I/O.
+The tests hold many streams open at a real keep-alive HTTP/1.1 upstream on 127.0.0.1 and
+count, on the upstream's side, the connections accepted, open now and at most.
 """
 
 from __future__ import annotations
@@ -16,12 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio.from_thread
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llmbridge import Engine
-from llmbridge._backends.openai.pools import ShardedPool, split
 from llmbridge.backends import OpenAIBackend
 from llmbridge.metrics import LLMBridgeCollector
 
@@ -105,28 +100,21 @@ def holding() -> Iterator[HoldingUpstream]:
         yield upstream
 
 
-def pooled_connections(backend: OpenAIBackend) -> list[int]:
-    """How many connections each open pool of the first upstream holds: the list httpcore
-    scans on every request and response close of that pool (httpx's own attributes)."""
-    pool = backend._states[0].pool
-    return [len(shard.client._transport._pool.connections) for shard in pool.shards]
-
-
-def test_no_pool_holds_more_than_connections_per_pool(holding: HoldingUpstream) -> None:
-    """40 streams in flight open 10 pools of 4 connections, not one pool of 40; a second
-    wave reuses those pools, and the metrics show the limits and the pools open."""
-    backend = OpenAIBackend(
-        holding.url, model="m", max_concurrency=64, connections_per_pool=4, timeout=30
-    )
+def test_streams_in_flight_each_hold_a_connection_and_a_second_wave_reuses_them(
+    holding: HoldingUpstream,
+) -> None:
+    """40 streams in flight hold 40 connections at once (none waits for another's); a
+    second wave reuses them instead of opening 40 more, and the metrics show the
+    limits and the requests outstanding."""
+    backend = OpenAIBackend(holding.url, model="m", max_concurrency=64, timeout=30)
     with Engine(backend, name="pools") as engine:
         for wave in range(2):
             streams = [engine.submit(f"w{wave}r{i}") for i in range(40)]
             readers = [iter(s) for s in streams]
             firsts = [next(r) for r in readers]  # every stream is in flight upstream now
             assert firsts == [f"w{wave}r{i}:" for i in range(40)]
-            counts, stats = pooled_connections(backend), backend.stats
-            assert counts == [4] * 10
-            assert stats["upstreams"][0]["pools_open"] == 10
+            assert _wait(lambda: holding.holding == 40)
+            stats = backend.stats
             assert stats["upstreams"][0]["outstanding"] == 40
             holding.release()
             assert ["".join(r) for r in readers] == ["end"] * 40
@@ -135,109 +123,66 @@ def test_no_pool_holds_more_than_connections_per_pool(holding: HoldingUpstream) 
         registry = CollectorRegistry()
         registry.register(LLMBridgeCollector(engine))
         text = generate_latest(registry).decode()
-    assert stats["connections_per_pool"] == 4
-    assert stats["pools"] == 16  # ceil(64 / 4): the most this upstream may open
-    assert 'llmbridge_backend_limit{engine="pools",limit="connections_per_pool"} 4.0' in text
-    assert 'llmbridge_backend_limit{engine="pools",limit="pools"} 16.0' in text
-    assert f'llmbridge_upstream_pools_open{{engine="pools",upstream="{holding.url}"}} 10.0' in text
+    assert holding.peak == 40
+    assert holding.accepted == 40  # the second wave found them kept alive
+    assert stats["max_connections"] == 64  # sized from max_concurrency
+    assert 'llmbridge_backend_limit{engine="pools",limit="max_concurrency"} 64.0' in text
+    assert 'llmbridge_backend_limit{engine="pools",limit="max_connections"} 64.0' in text
+    assert f'llmbridge_upstream_outstanding{{engine="pools",upstream="{holding.url}"}} 0.0' in text
 
 
-def test_light_load_stays_on_one_pool_and_reuses_its_connections(
-    holding: HoldingUpstream,
-) -> None:
-    """Requests one after another never open a second pool, and reuse a connection."""
+def test_light_load_reuses_one_connection(holding: HoldingUpstream) -> None:
+    """Requests one after another reuse a kept-alive connection: the body's end is read
+    after ``[DONE]``, so no stream closes its connection unread."""
     holding.release()
-    backend = OpenAIBackend(holding.url, model="m", connections_per_pool=4, timeout=30)
+    backend = OpenAIBackend(holding.url, model="m", timeout=30)
     with Engine(backend) as engine:
         texts = [engine.submit(f"one{i}").result(20).text for i in range(20)]
-        pools_open = backend.stats["upstreams"][0]["pools_open"]
     assert texts == [f"one{i}:end" for i in range(20)]
-    assert pools_open == 1
-    # Kept alive between requests (one connection, unless httpx expired an idle one
-    # after 5 s); before, each stream closed its connection unread after [DONE].
-    assert holding.accepted <= 3
+    assert holding.accepted == 1
 
 
-def test_connections_stay_within_max_connections_over_all_pools(
-    holding: HoldingUpstream,
-) -> None:
-    """max_connections=10 in pools of at most 4: 4 + 3 + 3 connections, never more, and
-    the 20 requests past them wait for a connection and then complete."""
+def test_an_idle_connection_is_closed_after_keepalive_expiry(holding: HoldingUpstream) -> None:
+    """A connection idle past ``keepalive_expiry`` is not reused (the upstream may have
+    closed it by then): the next request opens a new one."""
+    holding.release()
+    backend = OpenAIBackend(holding.url, model="m", timeout=30, keepalive_expiry=0.3)
+    with Engine(backend) as engine:
+        assert engine.submit("a").result(20).text == "a:end"
+        assert engine.submit("b").result(20).text == "b:end"
+        assert holding.accepted == 1
+        assert _wait(lambda: holding.open_now == 0, timeout=10)  # closed by our side
+        assert engine.submit("c").result(20).text == "c:end"
+    assert holding.accepted == 2
+
+
+def test_connections_stay_within_max_connections(holding: HoldingUpstream) -> None:
+    """max_connections=10 with 30 requests admitted: 10 connections, never more, and the
+    20 requests past them wait for a connection and then complete."""
     backend = OpenAIBackend(
-        holding.url,
-        model="m",
-        max_concurrency=30,
-        max_connections=10,
-        connections_per_pool=4,
-        timeout=30,
+        holding.url, model="m", max_concurrency=30, max_connections=10, timeout=30
     )
     with Engine(backend) as engine:
         streams = [engine.submit(f"c{i}") for i in range(30)]
         assert _wait(lambda: holding.holding == 10)
-        counts = pooled_connections(backend)
+        assert backend.stats["in_flight"] == 30
         holding.release()
         texts = [s.result(30).text for s in streams]
-    assert counts == [4, 3, 3]
     assert texts == [f"c{i}:end" for i in range(30)]
     assert holding.peak == 10
 
 
 def test_limits_are_validated() -> None:
-    """connections_per_pool must be a positive int."""
+    """max_connections must be a positive int, keepalive_expiry a positive number."""
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="connections_per_pool"):
-            OpenAIBackend("http://127.0.0.1:1/v1", connections_per_pool=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_connections"):
+            OpenAIBackend("http://127.0.0.1:1/v1", max_connections=bad)  # type: ignore[arg-type]
+    for expiry in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="keepalive_expiry"):
+            OpenAIBackend("http://127.0.0.1:1/v1", keepalive_expiry=expiry)
 
 
 def _wait(predicate: Any, timeout: float = 20.0) -> bool:
     from support import wait_until
 
     return wait_until(predicate, timeout=timeout)
-
-
-# -- ShardedPool without I/O ---------------------------------------------------------------
-
-
-class FakeClient:
-    def __init__(self, connections: int, keepalive: int) -> None:
-        self.limits = (connections, keepalive)
-        self.closed = False
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-def test_split_is_even_and_exact() -> None:
-    """Limits are divided into near-equal parts, larger first, summing to the total."""
-    assert split(10, 3) == [4, 3, 3]
-    assert split(1024, 256) == [4] * 256
-    assert split(2, 3) == [1, 1, 0]
-    assert all(sum(split(t, p)) == t for t in range(0, 50) for p in range(1, 12))
-
-
-def test_sharded_pool_opens_pools_only_when_the_open_ones_are_full() -> None:
-    """The first pool opens at once; the next only when every open one is full; the
-    open pool with the most free connections takes the next request; past the limit,
-    a full one does (its request waits there for a connection)."""
-    pool = ShardedPool(FakeClient, max_connections=10, max_keepalive=5, connections_per_pool=4)
-    assert pool.count == 3
-    assert [s.client.limits for s in pool.shards] == [(4, 2)]
-    held = [pool.checkout() for _ in range(4)]
-    assert len(pool.shards) == 1
-    held.append(pool.checkout())  # pool 0 is full: pool 1 opens
-    assert [s.client.limits for s in pool.shards] == [(4, 2), (3, 2)]
-    pool.checkin(held[0])  # pool 0: 3 of 4, pool 1: 1 of 3
-    assert pool.checkout() is pool.shards[1]
-    held += [pool.checkout() for _ in range(5)]
-    assert [s.outstanding for s in pool.shards] == [4, 3, 3]
-    assert [s.client.limits for s in pool.shards][2] == (3, 1)
-    pool.checkin(held[1])
-    pool.checkin(held[2])  # pool 0: 2 of 4 free again
-    assert [pool.checkout() for _ in range(2)] == [pool.shards[0]] * 2
-    extra = pool.checkout()  # all full and none left: it waits in a full one
-    assert [s.outstanding for s in pool.shards] == [5, 3, 3]
-    assert extra is pool.shards[0]
-    assert len(pool.shards) == 3
-    clients = [s.client for s in pool.shards]
-    anyio.run(pool.aclose)
-    assert all(c.closed for c in clients)

@@ -387,18 +387,18 @@ def test_client_leaving_a_chained_stream_closes_the_upstream(
 
 @pytest.mark.timeout(60)
 def test_backends_and_openai_modules_import_nothing_heavy() -> None:
-    """Importing llmbridge.backends / llmbridge.openai loads no httpx, torch, transformers,
+    """Importing llmbridge.backends / llmbridge.openai loads no aiohttp, httpx, torch, transformers,
     flask or quart; touching an adapter loads only its own dependency."""
     import subprocess
 
     code = (
         "import sys, llmbridge, llmbridge.backends, llmbridge.openai\n"
-        "heavy = {'httpx', 'torch', 'transformers', 'flask', 'quart'}\n"
+        "heavy = {'aiohttp', 'httpx', 'torch', 'transformers', 'flask', 'quart'}\n"
         "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
         "llmbridge.backends.ExLlamaV2Adapter, llmbridge.backends.LlamaCppBackend\n"
         "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
         "llmbridge.backends.OpenAIBackend\n"
-        "assert 'httpx' in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'aiohttp' in sys.modules and 'torch' not in sys.modules\n"
     )
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
@@ -406,7 +406,7 @@ def test_backends_and_openai_modules_import_nothing_heavy() -> None:
 
 @pytest.mark.timeout(90)
 def test_many_streams_start_at_once_with_the_default_limits(tiny: TinyUpstream) -> None:
-    """120 concurrent streams, more than httpx's default pool of 100 connections, all
+    """120 concurrent streams, more than an HTTP client's usual pool of 100 connections, all
     reach the upstream at once: the pool is sized from max_concurrency (256), keeps as
     many alive, and the limits and the streams in flight are in ``backend.stats``."""
     backend = _backend(tiny.url)
@@ -419,7 +419,7 @@ def test_many_streams_start_at_once_with_the_default_limits(tiny: TinyUpstream) 
             stream.close()
     assert open_now >= 120
     assert stats["in_flight"] == 120
-    assert stats["max_concurrency"] == stats["max_connections"] == stats["max_keepalive"] == 256
+    assert stats["max_concurrency"] == stats["max_connections"] == 256
     assert stats["upstreams"][0]["outstanding"] == 120
 
 
@@ -437,3 +437,53 @@ def test_engine_chat_needs_no_dummy_prompt(upstream: Server) -> None:
         with pytest.raises(BadRequest):
             engine.chat("not a list")  # type: ignore[arg-type]
     assert seen == [(render_messages(messages), messages)]
+
+
+@dataclass
+class RecordingProxy(RawUpstream):
+    """A forward proxy's first line of each request (``POST http://host/... HTTP/1.1``),
+    answered here with one whole chat completion."""
+
+    lines: list[str] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self.connection():
+            head = await reader.readuntil(b"\r\n\r\n")
+            with self.lock:
+                self.lines.append(head.split(b"\r\n", 1)[0].decode())
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            answer = {"choices": [{"index": 0, "message": {"content": "via proxy"}}]}
+            payload = json.dumps(answer).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+            writer.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_proxy_variables_are_honoured(
+    monkeypatch: pytest.MonkeyPatch, upstream: Server
+) -> None:
+    """``HTTP_PROXY`` sends the call through the proxy (an absolute URI, as a forward
+    proxy expects); ``NO_PROXY`` keeps a host away from it."""
+    with RecordingProxy().running() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with Engine(_backend("http://llm.internal:8000/v1", stream=False)) as engine:
+            done = engine.chat([{"role": "user", "content": "hi"}]).result(20)
+        assert done.text == "via proxy"
+        assert proxy.lines == ["POST http://llm.internal:8000/v1/chat/completions HTTP/1.1"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with Engine(_backend(upstream.url, stream=False)) as engine:
+            done = engine.submit("direct", max_new_tokens=3).result(20)
+        assert done.text == EXPECTED.expected_text("direct", 3)
+        assert len(proxy.lines) == 1

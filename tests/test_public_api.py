@@ -109,7 +109,7 @@ def test_reference_lists_every_public_name() -> None:
 _WITHOUT_OPTIONAL = """
 import importlib.abc, sys
 
-BLOCKED = {"torch", "transformers", "httpx", "exllamav2", "llama_cpp"}
+BLOCKED = {"torch", "transformers", "aiohttp", "httpx", "exllamav2", "llama_cpp"}
 
 
 class Absent(importlib.abc.MetaPathFinder):
@@ -124,7 +124,7 @@ sys.meta_path.insert(0, Absent())
 
 
 def run_without_optional(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter where torch, transformers, httpx, exllamav2
+    """Run ``code`` in a fresh interpreter where torch, transformers, aiohttp, httpx, exllamav2
     and llama_cpp cannot be imported."""
     return subprocess.run(
         [sys.executable, "-c", _WITHOUT_OPTIONAL + code],
@@ -135,7 +135,7 @@ def run_without_optional(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_backends_names_import_without_optional_dependencies() -> None:
-    """Without torch (or httpx, exllamav2, llama_cpp) ``from llmbridge.backends import *``,
+    """Without torch (or aiohttp, httpx, exllamav2, llama_cpp) ``from llmbridge.backends import *``,
     ``hasattr`` and ``inspect.getmembers`` see every adapter name, and nothing heavy loads."""
     code = """
 import inspect

@@ -270,8 +270,22 @@ class AsyncBackend(Protocol):
 
 
 def serve_async(backend: AsyncBackend, jobs: JobQueue, *, max_concurrency: int) -> None:
-    """Run ``backend`` on a fresh event loop on the engine thread until the engine closes."""
-    asyncio.run(_AsyncDriver(backend, jobs, max_concurrency).main())
+    """Run ``backend`` on a fresh event loop on the engine thread until the engine closes:
+    uvloop's when it is installed (as uvicorn's ``--loop auto`` picks), else asyncio's."""
+    with asyncio.Runner(loop_factory=engine_loop_factory()) as runner:
+        runner.run(_AsyncDriver(backend, jobs, max_concurrency).main())
+
+
+def engine_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop an async backend runs on: uvloop's when it is installed (its loop
+    costs a streamed chunk about half of what asyncio's pure-Python selector loop does;
+    ``benchmarks/upstream_clients.py``), else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 class _AsyncDriver:

@@ -1,21 +1,29 @@
 """A backend that calls OpenAI-compatible HTTP APIs (OpenAI, vLLM, TGI, llama.cpp's
 server, Ollama, or another llmbridge): one or more upstreams, over TCP or a Unix socket,
-each through a few small pooled ``httpx.AsyncClient`` (:mod:`.pools` says why several).
+each through one pooled ``aiohttp.ClientSession``.
 
-The clients live on the engine's own event loop for the engine's whole life, so every
+The sessions live on the engine's own event loop for the engine's whole life, so every
 thread and coroutine of the process shares their connection pools, and no request ever
-meets a client bound to a loop that has closed.
+meets a session bound to a loop that has closed.
+
+Why aiohttp and not httpx (which llmbridge's own clients use): this is the hot path of
+a gateway, one read per streamed chunk on the engine thread. Read for read, aiohttp's
+C parser and plain asyncio protocol cost a third of httpx's h11 + httpcore + anyio
+stack (``benchmarks/upstream_clients.py``: 1.3 against 3.6 CPU ms a 20-token stream on
+the same uvloop loop), and its connection pool hands out a connection in constant
+time where httpcore's walks every connection it holds (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-import anyio
 
 from ..._core.channel import Request
 from ..._core.drivers import _positive, serve_async
@@ -23,7 +31,6 @@ from ..._core.jobs import Job, JobQueue
 from ..._exceptions import BackendError, LLMBridgeError, Timeout, UpstreamError
 from ..._sansio.sse import SSEDecoder, encode_event
 from .errors import CREDENTIALS, counts_against, final_error, is_429, status_error
-from .pools import ShardedPool
 from .upstreams import Balancer, Upstream, UpstreamState
 from .wire import (
     Call,
@@ -35,10 +42,10 @@ from .wire import (
 )
 
 try:
-    import httpx
+    import aiohttp
 except ImportError:  # pragma: no cover - depends on the environment
     # The name stays importable without the http extra (``from llmbridge.backends
-    # import *``); building an OpenAIBackend raises instead (_require_httpx).
+    # import *``); building an OpenAIBackend raises instead (_require_aiohttp).
     pass
 
 __all__ = ["OpenAIBackend", "Upstream"]
@@ -46,16 +53,16 @@ __all__ = ["OpenAIBackend", "Upstream"]
 logger = logging.getLogger("llmbridge.openai")
 
 
-def _require_httpx() -> None:
-    """Raise an ``ImportError`` naming the extra when httpx is missing.
+def _require_aiohttp() -> None:
+    """Raise an ``ImportError`` naming the extra when aiohttp is missing.
 
     Checked when an :class:`OpenAIBackend` is built, not at import, so that the name
-    imports without httpx (``from llmbridge.backends import *`` in an app without the
+    imports without aiohttp (``from llmbridge.backends import *`` in an app without the
     ``http`` extra).
     """
-    if "httpx" not in globals():
+    if "aiohttp" not in globals():
         raise ImportError(
-            'llmbridge.backends.OpenAIBackend needs httpx: pip install "llmbridge[http]"'
+            'llmbridge.backends.OpenAIBackend needs aiohttp: pip install "llmbridge[http]"'
         )
 
 
@@ -112,16 +119,14 @@ class OpenAIBackend:
     Limits, explicit and sized from the configuration: ``max_concurrency`` caps
     requests in flight (the rest wait in the engine's queue, counted in
     ``Engine.queued``); each upstream gets ``max_connections`` connections (default:
-    ``max_concurrency``, so no admitted request waits for a connection) and keeps
-    ``max_keepalive`` of them open when idle (default: ``max_connections``, so a burst
-    does not pay new connections again). They are split evenly over
-    ``ceil(max_connections / connections_per_pool)`` pools (at most 4 connections each
-    by default), opened as the load needs them: httpx scans a pool's every connection on
-    each request, so one big pool made each request's cost grow with the concurrency.
-    ``timeout`` bounds reads and writes
-    (seconds between bytes), ``connect_timeout`` a connection. ``http2=True`` needs
-    ``pip install "httpx[http2]"``. Construct it anywhere; the clients are created on the
-    engine loop (:meth:`aopen`).
+    ``max_concurrency``, so no admitted request waits for a connection), each kept open
+    ``keepalive_expiry`` seconds when idle, so a burst does not pay new connections
+    again. ``timeout`` bounds each read (seconds between bytes) and the wait for a
+    connection, ``connect_timeout`` a connection's setup. Proxies come from the
+    environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``, read once per upstream when
+    the engine starts), certificates from the system's store.
+    HTTP/1.1 only (what vLLM, TGI, llama.cpp's server and Ollama serve). Construct it
+    anywhere; the sessions are created on the engine loop (:meth:`aopen`).
 
     >>> backend = OpenAIBackend("http://127.0.0.1:8000/v1", api_key="sk-...", model="m")
     """
@@ -141,15 +146,13 @@ class OpenAIBackend:
         timeout: float = 60.0,
         connect_timeout: float = 5.0,
         max_connections: int | None = None,
-        max_keepalive: int | None = None,
-        connections_per_pool: int = 4,
-        http2: bool = False,
+        keepalive_expiry: float = 5.0,
         headers: Mapping[str, str] | None = None,
         max_concurrency: int = 256,
         failures: int = 3,
         cooldown: float = 5.0,
     ) -> None:
-        _require_httpx()
+        _require_aiohttp()
         if (base_url is None) == (upstreams is None):
             raise ValueError("give OpenAIBackend either base_url or upstreams=[...]")
         if upstreams is None:
@@ -173,11 +176,9 @@ class OpenAIBackend:
         self.max_connections = _positive(
             "max_connections", self.max_concurrency if max_connections is None else max_connections
         )
-        self.max_keepalive = _positive(
-            "max_keepalive", self.max_connections if max_keepalive is None else max_keepalive
-        )
-        self.connections_per_pool = _positive("connections_per_pool", connections_per_pool)
-        self.http2 = http2
+        if not keepalive_expiry > 0:
+            raise ValueError(f"keepalive_expiry must be > 0, got {keepalive_expiry!r}")
+        self.keepalive_expiry = keepalive_expiry
         self.headers = dict(headers or {})
         self.failures = _positive("failures", failures)
         if not cooldown >= 0:
@@ -196,34 +197,22 @@ class OpenAIBackend:
         return f"OpenAIBackend({urls}, model={self.model!r})"
 
     @property
-    def client(self) -> httpx.AsyncClient | None:
-        """The first upstream's first pooled client while the engine runs (``None``
-        before and after)."""
-        pool = self._states[0].pool
-        client: httpx.AsyncClient | None = None if pool is None else pool.first
-        return client
-
-    @property
-    def pools(self) -> int:
-        """The most pools each upstream opens: ``ceil(max_connections /
-        connections_per_pool)``."""
-        return -(-self.max_connections // self.connections_per_pool)
+    def client(self) -> aiohttp.ClientSession | None:
+        """The first upstream's session while the engine runs (``None`` before and
+        after)."""
+        session: aiohttp.ClientSession | None = self._states[0].session
+        return session
 
     @property
     def stats(self) -> dict[str, Any]:
         """A snapshot of the limits and counters: ``in_flight`` (requests running now),
-        ``max_concurrency``, ``max_connections`` / ``max_keepalive`` (per upstream),
-        ``connections_per_pool`` and ``pools`` (the most pools per upstream), and
-        ``upstreams``: per upstream ``requests``, ``failures``, ``failovers``,
-        ``outstanding``, ``cooling_down``, ``cooldowns``, ``pools_open``. Any thread;
-        never blocks."""
+        ``max_concurrency``, ``max_connections`` (per upstream), and ``upstreams``: per
+        upstream ``requests``, ``failures``, ``failovers``, ``outstanding``,
+        ``cooling_down``, ``cooldowns``. Any thread; never blocks."""
         return {
             "in_flight": self._in_flight,
             "max_concurrency": self.max_concurrency,
             "max_connections": self.max_connections,
-            "max_keepalive": self.max_keepalive,
-            "connections_per_pool": self.connections_per_pool,
-            "pools": self.pools,
             "upstreams": [state.as_dict() for state in self._states],
         }
 
@@ -232,52 +221,52 @@ class OpenAIBackend:
         serve_async(self, jobs, max_concurrency=self.max_concurrency)
 
     async def aopen(self) -> None:
-        """Open each upstream's pools on the engine loop (called by the engine): the
-        first pool at once, the others as the load needs them."""
-        # One TLS context for every pool: httpx would load the CA bundle for each client.
-        tls = httpx.create_ssl_context()
+        """Open each upstream's session on the engine loop (called by the engine)."""
+        # One TLS context for every session (each would load the CA store again).
+        tls = ssl.create_default_context()
         for state in self._states:
-            state.pool = ShardedPool(
-                self._client_factory(state.upstream, tls),
-                max_connections=self.max_connections,
-                max_keepalive=self.max_keepalive,
-                connections_per_pool=self.connections_per_pool,
-            )
+            state.session = self._session(state.upstream, tls)
+            state.proxy = _env_proxy(state.upstream)
 
-    def _client_factory(self, upstream: Upstream, tls: ssl.SSLContext) -> Any:
+    def _session(self, upstream: Upstream, tls: ssl.SSLContext) -> aiohttp.ClientSession:
         headers = {"Accept": "application/json", **self.headers}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"
-        timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout)
-
-        def open_client(connections: int, keepalive: int) -> httpx.AsyncClient:
-            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive)
-            if upstream.uds is None:
-                return httpx.AsyncClient(
-                    base_url=upstream.url,
-                    headers=headers,
-                    timeout=timeout,
-                    limits=limits,
-                    http2=self.http2,
-                    verify=tls,
-                )
-            # A transport of our own only for a socket: httpx then ignores proxy
-            # variables, which can't apply to a Unix socket anyway.
-            transport = httpx.AsyncHTTPTransport(
-                verify=tls, limits=limits, http2=self.http2, uds=os.fspath(upstream.uds)
+        connector: aiohttp.BaseConnector
+        if upstream.uds is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=self.keepalive_expiry,
+                ssl=tls,
             )
-            return httpx.AsyncClient(
-                base_url=upstream.url, headers=headers, timeout=timeout, transport=transport
+        else:
+            connector = aiohttp.UnixConnector(
+                os.fspath(upstream.uds),
+                limit=self.max_connections,
+                keepalive_timeout=self.keepalive_expiry,
             )
-
-        return open_client
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.timeout,  # the wait for a pooled connection, and its setup
+                sock_connect=self.connect_timeout,
+                sock_read=self.timeout,
+            ),
+            # Not trust_env: it reads ~/.netrc on a worker thread for every request.
+            # The proxy variables are read once per upstream instead (_env_proxy).
+            trust_env=False,
+            raise_for_status=False,
+        )
 
     async def aclose(self) -> None:
-        """Close the pooled clients (called by the engine as it stops)."""
+        """Close the sessions and their connections (called by the engine as it stops)."""
         for state in self._states:
-            pool, state.pool = state.pool, None
-            if pool is not None:
-                await pool.aclose()
+            session, state.session = state.session, None
+            if session is not None:
+                await session.close()
 
     async def generate(self, request: Request, job: Job) -> None:
         """Run one request upstream, failing over before its first chunk, and write its
@@ -291,7 +280,7 @@ class OpenAIBackend:
                 state = self._balancer.pick(tried)
                 if state is None:
                     raise self._final(errors) if errors else self._none_left()
-                if state.pool is None:
+                if state.session is None:
                     raise BackendError("the OpenAIBackend is not open: run it in an Engine")
                 tried.append(state)
                 attempt = _Attempt()
@@ -365,38 +354,40 @@ class OpenAIBackend:
         )
 
     async def _attempt(self, state: UpstreamState, call: Call, job: Job, attempt: _Attempt) -> None:
-        pool: ShardedPool[httpx.AsyncClient] = state.pool
+        session: aiohttp.ClientSession = state.session
         sent_model = state.upstream.model_for(call.model, self.model)
         body = call.body_for(sent_model)
-        shard = pool.checkout()
+        url = state.upstream.url + call.path
         try:
             if call.stream:
-                await self._streamed(shard.client, call, body, sent_model, job, attempt)
+                await self._streamed(
+                    session, url, state.proxy, call, body, sent_model, job, attempt
+                )
             else:
-                await self._whole(shard.client, call, body, sent_model, job, attempt)
-        except httpx.TimeoutException as exc:
+                await self._whole(session, url, state.proxy, call, body, sent_model, job, attempt)
+        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one
             raise Timeout(f"the upstream timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(
                 f"the upstream connection failed: {type(exc).__name__}: {exc}",
                 retryable=True,
                 summary="the upstream connection failed",
             ) from exc
-        finally:
-            pool.checkin(shard)
 
     async def _whole(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
+        url: str,
+        proxy: str | None,
         call: Call,
         body: dict[str, Any],
         sent_model: str | None,
         job: Job,
         attempt: _Attempt,
     ) -> None:
-        response = await client.post(call.path, json=body)
-        await _raise_for_status(response)
-        raw = response.text
+        async with session.post(url, json=body, proxy=proxy) as response:
+            await _raise_for_status(response)
+            raw = (await response.read()).decode("utf-8", errors="replace")
         data = json_object(raw)
         progress = Progress()
         text = progress.read(data, whole=True)
@@ -417,7 +408,9 @@ class OpenAIBackend:
 
     async def _streamed(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
+        url: str,
+        proxy: str | None,
         call: Call,
         body: dict[str, Any],
         sent_model: str | None,
@@ -427,12 +420,11 @@ class OpenAIBackend:
         # Leaving this block for any reason (the end, an error, the task's cancellation
         # when the consumer goes away) closes the response; unread, its connection is
         # closed rather than pooled, so the upstream sees the disconnect at once.
-        async with client.stream("POST", call.path, json=body) as response:
+        async with session.post(url, json=body, proxy=proxy) as response:
             await _raise_for_status(response)
             decoder = SSEDecoder()
             progress = Progress()
-            reads = response.aiter_bytes()
-            async for piece in reads:
+            async for piece in response.content.iter_any():
                 out: list[bytes] = []
                 pieces = progress.pieces
                 for event in decoder.feed(piece):
@@ -447,7 +439,7 @@ class OpenAIBackend:
                             prompt_tokens=progress.prompt_tokens,
                             completion_tokens=progress.completion_tokens or progress.pieces,
                         )
-                        await _read_to_end(reads)
+                        await _read_to_end(response)
                         return
                     data = json_object(event.data)
                     if "error" in data:
@@ -476,24 +468,38 @@ class OpenAIBackend:
 _END_GRACE = 1.0
 
 
-async def _read_to_end(reads: AsyncIterator[bytes]) -> None:
+def _env_proxy(upstream: Upstream) -> str | None:
+    """The proxy the environment names for ``upstream`` (``HTTPS_PROXY`` / ``HTTP_PROXY``
+    by its scheme, unless ``NO_PROXY`` covers its host), as every HTTP client reads
+    them; ``None`` for a Unix socket."""
+    if upstream.uds is not None:
+        return None
+    parts = urllib.parse.urlsplit(upstream.url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
     """Read what follows ``[DONE]`` (the body's last chunk): a response closed before its
     end closes its connection, so without this every stream paid a new connection."""
-    with anyio.move_on_after(_END_GRACE):
-        try:
-            async for _ in reads:
+    if response.content.at_eof():
+        return  # the usual case: the body's end came in the same read
+    try:
+        async with asyncio.timeout(_END_GRACE):
+            async for _ in response.content.iter_any():
                 pass
-        except httpx.HTTPError:
-            pass  # the answer is complete; this connection just isn't reused
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # the answer is complete; this connection just isn't reused
 
 
-async def _raise_for_status(response: httpx.Response) -> None:
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     """Raise the error an upstream's error status stands for (see :mod:`.errors`),
-    reading its body first if it is a stream."""
-    if response.status_code >= 400:
+    reading its body first."""
+    if response.status >= 400:
         raise status_error(
-            response.status_code,
-            response.reason_phrase,
-            response.headers.get("retry-after"),
-            await response.aread(),
+            response.status,
+            response.reason or "",
+            response.headers.get("Retry-After"),
+            await response.read(),
         )

@@ -112,8 +112,10 @@ class UpstreamState:
         self.failures_to_open = failures
         self.cooldown = cooldown
         self._clock = clock
-        #: Its pools of connections while the backend is open (a ``ShardedPool``).
-        self.pool: Any = None
+        #: Its ``aiohttp.ClientSession`` while the backend is open.
+        self.session: Any = None
+        #: The proxy the environment names for it (read when the backend opens).
+        self.proxy: str | None = None
         #: Requests sent to this upstream (attempts, failovers included).
         self.requests = 0
         #: Attempts that failed in a way that counts against the upstream.
@@ -179,7 +181,6 @@ class UpstreamState:
         return {
             "name": self.upstream.label,
             "url": self.upstream.url,
-            "pools_open": 0 if self.pool is None else len(self.pool.shards),
             "requests": self.requests,
             "failures": self.failures,
             "failovers": self.failovers,
