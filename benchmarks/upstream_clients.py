@@ -139,7 +139,7 @@ def main() -> None:
             f"{args.streams} streamed chats of 20 tokens, one after another, {args.repeat} "
             f"rounds; load average {load:.1f} at the start\n"
         )
-        print("| reader | CPU ms per answer (median) | × the cheapest | rounds |")
+        print("| reader | CPU ms per answer (median) | ratio to the cheapest | rounds |")
         print("|---|---:|---:|---|")
         for name, values in runs.items():
             each = ", ".join(f"{v:.2f}" for v in values)
