@@ -7,7 +7,8 @@ engine), or ``chain`` (Flask over an :class:`OpenAIBackend` whose upstream is
 Knobs, all optional: ``OPENAI_BACKEND=never`` (a backend that never answers),
 ``SIM_STEP_TIME``, ``SIM_MAX_TOKENS``, ``SIM_BATCH`` (the simulated engine),
 ``OPENAI_START_TIMEOUT`` (the routes' first-output deadline), ``DRAIN_TIMEOUT``,
-``QUART_BRIDGE=1`` (a QuartBridge on the Quart app too).
+``QUART_BRIDGE=1`` (a QuartBridge on the Quart app too), ``ASGI_WORKERS`` (the adapter's
+threads).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ KIND = os.environ.get("OPENAI_APP", "flask")
 app = build(KIND)
 #: The Flask app under llmbridge.asgi: ``uvicorn openai_apps:asgi``. No ``engines=``:
 #: the adapter's drain must end /v1 streams it pumps without knowing their engine.
-asgi = to_asgi(app, drain_timeout=DRAIN_TIMEOUT) if KIND != "quart" else None
+WORKERS = int(os.environ.get("ASGI_WORKERS", "8"))
+asgi = to_asgi(app, drain_timeout=DRAIN_TIMEOUT, workers=WORKERS) if KIND != "quart" else None
 
 if __name__ == "__main__":
     from werkzeug.serving import run_simple

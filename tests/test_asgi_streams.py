@@ -156,7 +156,8 @@ async def test_text_stream_error_mid_body_aborts_the_response(app: App) -> None:
 
 
 async def test_non_streambody_is_refused_by_the_extension() -> None:
-    """environ[ASYNC_BODY_KEY] takes only StreamBody: anything else is a 500 problem."""
+    """environ[ASYNC_BODY_KEY] takes only a StreamBody or a WholeBody: anything else is a
+    500 problem."""
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return environ[ASYNC_BODY_KEY]([b"not a body"])

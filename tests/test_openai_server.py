@@ -312,6 +312,36 @@ async def test_200_flask_v1_streams_under_to_asgi_hold_a_bounded_number_of_threa
     assert threads <= 20, threads
 
 
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_100_flask_v1_whole_answers_under_to_asgi_share_one_thread() -> None:
+    """100 concurrent non-streamed requests from the openai SDK to the Flask blueprint
+    under uvicorn + to_asgi with a single adapter thread: each answer is exact. A thread
+    held per whole answer would serve them one after another (100 x 0.6 s, past the
+    client's 15 s timeout); the adapter awaits them on its loop."""
+    env = {"SIM_STEP_TIME": "0.02", "SIM_MAX_TOKENS": "512", "SIM_BATCH": "128"}
+    with serve("uvicorn", {**env, "ASGI_WORKERS": "1"}) as server:
+        client = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=15,
+            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=110)),
+        )
+        async with client:
+            answers = await asyncio.gather(
+                *(
+                    client.completions.create(model="sim", prompt=f"w{i}", max_tokens=30)
+                    for i in range(100)
+                )
+            )
+            threads = _threads(server.proc.pid)
+    for i, answer in enumerate(answers):
+        assert answer.choices[0].text == _expected(f"w{i}", 30)
+        assert answer.choices[0].finish_reason == "length"
+    assert threads <= 20, threads
+
+
 @pytest.fixture(scope="module", params=["werkzeug", "uvicorn", "hypercorn"])
 def never_server(request: pytest.FixtureRequest) -> Iterator[Server]:
     """Each integration over a backend that never answers, with a 0.5 s start timeout."""

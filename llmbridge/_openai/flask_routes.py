@@ -13,7 +13,7 @@ from .._core.engine import Submitter
 from .._exceptions import LLMBridgeError
 from .._sansio.framing import Reply
 from .._web.auth import PRINCIPAL_ENVIRON_KEY
-from .._web.body import ASYNC_BODY_KEY
+from .._web.body import ASYNC_BODY_KEY, LoopBody
 from .routes import METHODS, REQUEST_ID_HEADER, ROUTES, Call, Principal, Route, Routes
 
 __all__ = ["flask_blueprint"]
@@ -35,16 +35,13 @@ def _read_body(routes: Routes) -> bytes:
     return reader.result()
 
 
-def _stream(routes: Routes, call: Call) -> flask.Response:
-    body = call.body()
-    headers = routes.stream_headers(call)
-    pump = request.environ.get(ASYNC_BODY_KEY)
-    if pump is None:
-        return flask.Response(body, content_type=body.media_type, headers=headers)
-    # The ASGI adapter pumps the body on its loop: this thread goes back at once.
-    handed = pump(body)
+def _handed(routes: Routes, call: Call, pump: Callable[[LoopBody], Any]) -> flask.Response:
+    """The answer handed to the ASGI adapter, which awaits and pumps it on its loop:
+    this thread goes back at once."""
+    body: LoopBody = call.body() if call.streaming else call.whole()
+    headers = routes.stream_headers(call) if call.streaming else routes.whole_headers(call)
     return flask.Response(
-        handed, content_type=body.media_type, headers=headers, direct_passthrough=True
+        pump(body), content_type=body.media_type, headers=headers, direct_passthrough=True
     )
 
 
@@ -86,18 +83,19 @@ def _generate(routes: Routes, kind: str) -> flask.Response:
         )
     except LLMBridgeError as error:
         return _response(routes.failure(error))
+    pump = request.environ.get(ASYNC_BODY_KEY)
+    if pump is not None:
+        with call.closing_on_error():
+            return _handed(routes, call, pump)
+    if not call.streaming:
+        return _response(routes.whole_reply_blocking(call))
     try:
         with call.closing_on_error():
-            if call.streaming and ASYNC_BODY_KEY in request.environ:
-                return _stream(routes, call)  # the adapter awaits the first output itself
             call.stream.wait_started(routes.start_timeout)
-            if call.streaming:
-                return _stream(routes, call)
-            completion = call.stream.result(routes.timeout)
-            routes.charge_blocking(principal, completion.total_tokens)
-            return _response(call.reply(completion))
     except LLMBridgeError as error:
         return _response(routes.failure(error, call.stream.id))
+    body = call.body()
+    return flask.Response(body, content_type=body.media_type, headers=routes.stream_headers(call))
 
 
 def _view(routes: Routes, route: Route) -> Callable[..., flask.Response]:
@@ -122,8 +120,9 @@ def flask_blueprint(
 
     Views run on the request's thread and block it until the answer is complete, or,
     streaming, until the first text is out (so an overload or an upstream error still
-    gets its own status); under ``llmbridge.asgi`` a stream holds no thread at all: the
-    adapter awaits its first output and pumps it on its loop (and drains it on SIGTERM).
+    gets its own status); under ``llmbridge.asgi`` a request holds its thread only until
+    it is submitted: the adapter awaits the whole answer, or a stream's first output, and
+    pumps it on its loop (and drains it on SIGTERM).
     Past ``start_timeout`` without output the answer is a 504. Every error is an
     OpenAI-shaped JSON body, unknown URLs under the prefix included.
     """

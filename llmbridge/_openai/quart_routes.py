@@ -135,16 +135,13 @@ async def _generate(routes: Routes, drains: _Drains, kind: str) -> Response:
 
 
 async def _answer(routes: Routes, drains: _Drains, call: Call) -> Response:
-    try:
-        with call.closing_on_error():
-            await call.stream.await_started(routes.start_timeout)
-            if not call.streaming:
-                completion = await call.stream.aresult(routes.timeout)
-                await routes.acharge(call.principal, completion.total_tokens)
-                return _response(call.reply(completion))
-    except LLMBridgeError as error:
-        return _response(routes.failure(error, call.stream.id))
+    if not call.streaming:
+        return _response(await routes.whole_reply(call))
     body = call.body()
+    with call.closing_on_error():  # a client that leaves meanwhile cancels it
+        reply = await body.opening()
+    if reply is not None:  # it failed before its first text: say so with its own status
+        return _response(reply)
     drain = drains.of(current_app._get_current_object())  # type: ignore[attr-defined]
     response = Response(
         _unmanaged(body) if drain is None else drain.pump(body),

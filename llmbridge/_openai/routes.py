@@ -29,7 +29,7 @@ from .._policies.pipeline import Pipeline
 from .._runtime.loop import spawn
 from .._sansio.framing import Outcome, Reply
 from .._web.auth import ApiKeys, Authenticate, Principal, as_principal, is_loopback
-from .._web.body import StreamBody
+from .._web.body import StreamBody, WholeBody
 from .._web.bridge import REQUEST_ID_HEADER, valid_request_id
 from .._web.reqlog import RequestRecord
 from .responses import (
@@ -227,6 +227,15 @@ class Call:
         if self.record is not None:
             self.record.finish(reply.status, self.stream.id)
         return reply
+
+    def whole(self) -> WholeBody:
+        """The non-streamed answer as a body a server can await on its loop."""
+        routes = self.routes
+        return WholeBody(
+            self.stream,
+            answer=lambda: routes.whole_reply(self),
+            answer_blocking=lambda: routes.whole_reply_blocking(self),
+        )
 
     def body(self) -> StreamBody:
         """The streamed answer: OpenAI chunks over the one :class:`StreamBody`."""
@@ -478,6 +487,30 @@ class Routes:
         self._records[stream.id] = record
         return Call(self, parsed, stream, principal, record)
 
+    async def whole_reply(self, call: Call) -> Reply:
+        """A non-streamed request's whole answer, or its error's reply, once it is
+        complete (the tokens charged first); ``start_timeout`` and ``timeout`` apply.
+        Any event loop. Cancels the request if cancelled itself."""
+        try:
+            with call.closing_on_error():
+                await call.stream.await_started(self.start_timeout)
+                completion = await call.stream.aresult(self.timeout)
+                await self.acharge(call.principal, completion.total_tokens)
+                return call.reply(completion)
+        except LLMBridgeError as error:
+            return self.failure(error, call.stream.id)
+
+    def whole_reply_blocking(self, call: Call) -> Reply:
+        """:meth:`whole_reply` from a thread (blocks it)."""
+        try:
+            with call.closing_on_error():
+                call.stream.wait_started(self.start_timeout)
+                completion = call.stream.result(self.timeout)
+                self.charge_blocking(call.principal, completion.total_tokens)
+                return call.reply(completion)
+        except LLMBridgeError as error:
+            return self.failure(error, call.stream.id)
+
     def answer(self, kind: str, method: str, path: str, model: str | None = None) -> Reply:
         """The reply of a route that needs no generation (models, unknown URLs)."""
         try:
@@ -529,3 +562,8 @@ class Routes:
     def stream_headers(call: Call) -> dict[str, str]:
         """Headers of a streamed answer."""
         return {**SSE_HEADERS, REQUEST_ID_HEADER: call.stream.id}
+
+    @staticmethod
+    def whole_headers(call: Call) -> dict[str, str]:
+        """Headers of a whole answer, before it is known (the adapter sends its reply's)."""
+        return {REQUEST_ID_HEADER: call.stream.id}

@@ -6,25 +6,30 @@ decides what its bytes look like (SSE events, plain text, OpenAI chunks). It rea
 sync iterable (a WSGI server's thread) and as an async one (an ASGI server's loop).
 Closing it (a WSGI ``close()``, a client disconnect) cancels the request.
 
+A :class:`WholeBody` is the other kind of answer a view can hand over: one non-streamed
+reply, produced once its stream is complete.
+
 Servers that can pump a body on their event loop instead of holding a thread for it
 advertise it through the WSGI environ key :data:`ASYNC_BODY_KEY`, in the spirit of
-``wsgi.file_wrapper``: ``environ[ASYNC_BODY_KEY](body)`` returns an iterable the app must
-return unchanged (werkzeug: ``Response(..., direct_passthrough=True)``), and the server
-then awaits the first output (up to ``body.start_timeout``; a failure is answered with
-``body.error_response(error)``) and iterates ``body`` with ``async for`` on its loop.
-Under any other server the body is an ordinary iterable.
+``wsgi.file_wrapper``: ``environ[ASYNC_BODY_KEY](body)`` (either kind, a
+:data:`LoopBody`) returns an iterable the app must return unchanged (werkzeug:
+``Response(..., direct_passthrough=True)``), and the server then awaits
+``body.opening()`` on its loop: a :class:`~llmbridge._sansio.framing.Reply` is sent as
+the whole response (a whole answer, or an error before the first byte, with its own
+status), ``None`` means the stream is under way and ``body`` is iterated with
+``async for``. Under any other server either body is an ordinary iterable.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Literal, TypeAlias
 
 from .._core.stream import Stream
 from .._exceptions import Cancelled, LLMBridgeError
 from .._sansio.framing import Framer, Reply, SSEFramer, TextFramer
 
-__all__ = ["ASYNC_BODY_KEY", "BodyFormat", "StreamBody"]
+__all__ = ["ASYNC_BODY_KEY", "BodyFormat", "LoopBody", "StreamBody", "WholeBody"]
 
 ASYNC_BODY_KEY = "llmbridge.async_body"
 
@@ -34,7 +39,30 @@ BodyFormat = Literal["sse", "text"]
 _End = (StopIteration, StopAsyncIteration, LLMBridgeError)
 
 
-class StreamBody:
+class _Body:
+    """What both kinds of body share: the stream they answer, and closing it."""
+
+    def __init__(self, stream: Stream, on_close: Callable[[], None] | None) -> None:
+        self.stream = stream
+        self._on_close = on_close
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop: cancels the request if it is still running. Idempotent; never blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stream.channel.cancel("the response was closed")
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def aclose(self) -> None:
+        """The async twin of :meth:`close`."""
+        self.close()
+
+
+class StreamBody(_Body):
     """The bytes of one streamed response, readable from a thread or a coroutine.
 
     ``framer`` says what the bytes look like; without one, ``format`` picks a built-in:
@@ -68,15 +96,13 @@ class StreamBody:
         if framer is None:
             # The request id lets the client point at the log line that holds the details.
             framer = (SSEFramer if format == "sse" else TextFramer)(request_id=stream.id)
-        self.stream = stream
+        super().__init__(stream, on_close)
         self.format = format
         self.framer = framer
         self.heartbeat = heartbeat if framer.heartbeats else None
         #: How long a server that awaits the first output itself (``ASYNC_BODY_KEY``)
         #: may wait before answering 504; ``None``: no limit.
         self.start_timeout = start_timeout
-        self._on_close = on_close
-        self._closed = False
 
     @property
     def media_type(self) -> str:
@@ -91,6 +117,17 @@ class StreamBody:
         if not any(name.lower() == "x-request-id" for name, _ in reply.headers):
             reply.headers.append(("X-Request-Id", self.stream.id))
         return reply
+
+    async def opening(self) -> Reply | None:
+        """Wait, on a loop, until the response may start: ``None`` once the first output
+        is out, or the whole reply to send instead when the request failed before it
+        (past ``start_timeout``: :class:`~llmbridge.Timeout`, which cancels it). For
+        servers that pump the body on their loop (:data:`ASYNC_BODY_KEY`)."""
+        try:
+            await self.stream.await_started(self.start_timeout)
+        except LLMBridgeError as error:
+            return self.error_response(error)
+        return None
 
     def _frame(self, text: str | None) -> bytes:
         """The bytes for one read: a chunk, or a heartbeat after silence."""
@@ -143,16 +180,46 @@ class StreamBody:
         finally:
             self.close()
 
-    def close(self) -> None:
-        """Stop: cancels the request if it is still running. Idempotent; never blocks."""
-        if self._closed:
-            return
-        self._closed = True
-        self.stream.channel.cancel("the response was closed")
-        on_close, self._on_close = self._on_close, None
-        if on_close is not None:
-            on_close()
 
-    async def aclose(self) -> None:
-        """The async twin of :meth:`close`."""
-        self.close()
+class WholeBody(_Body):
+    """One whole (non-streamed) answer, produced without a thread waiting for it.
+
+    ``answer`` is a coroutine function that returns the whole response once ``stream``
+    is complete: the answer, or its error's own reply (it must not raise);
+    ``answer_blocking`` is its twin for a thread. A server that pumps bodies on its loop
+    (:data:`ASYNC_BODY_KEY`) awaits :meth:`opening` and sends the reply, status
+    included; any other iterates the body on its thread and gets the reply's bytes under
+    the status the app declared.
+
+    One consumer. :meth:`close` cancels the request if it is still running; it is
+    idempotent and thread-safe, and ``on_close`` runs once.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        answer: Callable[[], Awaitable[Reply]],
+        answer_blocking: Callable[[], Reply],
+        media_type: str = "application/json",
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(stream, on_close)
+        self.media_type = media_type
+        self._answer = answer
+        self._answer_blocking = answer_blocking
+
+    async def opening(self) -> Reply:
+        """The whole response, once the request is complete (on a loop). Never raises
+        for the request's own failure: that is the reply."""
+        return await self._answer()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield self._answer_blocking().body
+        finally:
+            self.close()
+
+
+#: What a server that pumps bodies on its loop takes (:data:`ASYNC_BODY_KEY`).
+LoopBody: TypeAlias = StreamBody | WholeBody

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from .._exceptions import EngineClosed
-from .body import StreamBody
+from .body import LoopBody, StreamBody
 
 __all__ = ["Drain", "as_hooks", "call_hook", "engines_of", "find_engines"]
 
@@ -56,7 +56,7 @@ class Drain:
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         # Weak: a body a WSGI middleware iterated and never closed must not stay here.
-        self._bodies: weakref.WeakSet[StreamBody] = weakref.WeakSet()
+        self._bodies: weakref.WeakSet[LoopBody] = weakref.WeakSet()
         self._bodies_lock = threading.Lock()  # bodies come and go on the app's threads
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,12 +98,12 @@ class Drain:
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def track(self, body: StreamBody) -> None:
+    def track(self, body: LoopBody) -> None:
         """Remember an open body, to end it if the deadline passes. Thread-safe."""
         with self._bodies_lock:
             self._bodies.add(body)
 
-    def untrack(self, body: StreamBody) -> None:
+    def untrack(self, body: LoopBody) -> None:
         """Forget a body that ended. Thread-safe."""
         with self._bodies_lock:
             self._bodies.discard(body)

@@ -9,12 +9,12 @@ loop); the rest comes chunk by chunk through a small bounded buffer. Response ch
 out as the app produces them, one at a time, so a slow client slows the app instead of
 filling memory.
 
-A view that streams a :class:`~llmbridge._web.body.StreamBody` can give its thread back:
-the adapter offers ``environ[ASYNC_BODY_KEY]``, and when the app returns what that
-callable made, the worker thread is released and the body is pumped with ``async for``
-on the event loop. A client disconnect closes the body, which cancels the engine job
-and ends the pump. The iterable's ``close()`` is called exactly once whatever
-happens.
+A view that streams a :class:`~llmbridge._web.body.StreamBody`, or answers a whole
+:class:`~llmbridge._web.body.WholeBody`, can give its thread back: the adapter offers
+``environ[ASYNC_BODY_KEY]``, and when the app returns what that callable made, the
+worker thread is released and the body is awaited and pumped on the event loop. A
+client disconnect closes the body, which cancels the engine job and ends the pump. The
+iterable's ``close()`` is called exactly once whatever happens.
 
 Known differences from ``asgiref.wsgi.WsgiToAsgi`` and ``a2wsgi.WSGIMiddleware``: their
 own ``tests/test_wsgi.py`` run against this class in ``.ci/adapter_upstream.sh``, and
@@ -43,11 +43,11 @@ from typing import Any
 import anyio
 
 from ..._exceptions import LLMBridgeError
-from ..body import ASYNC_BODY_KEY
+from ..body import ASYNC_BODY_KEY, StreamBody
 from ..drain import Drain, as_hooks, call_hook, engines_of
 from .environ import DEFAULT_DUPLICATE_HEADER_LIMIT, build_environ, mount_prefix
 from .input import LoopPortal, WSGIInput, pump_input
-from .response import AsyncBody, ClientDisconnected, Exchange, send_problem, send_reply
+from .response import AsyncBody, ClientDisconnected, Exchange, send_problem
 
 __all__ = ["WSGIMiddleware", "to_asgi"]
 
@@ -347,10 +347,10 @@ class WSGIMiddleware:
         return None
 
     async def _pump(self, handle: AsyncBody, exchange: Exchange) -> None:
-        """Send a stream body from the loop; its thread went back to the pool.
+        """Send a handed-over body from the loop; its thread went back to the pool.
 
         A client disconnect closes the body (:meth:`Exchange.set_disconnected`), which
-        cancels the job and ends the wait for its next text with ``Cancelled``."""
+        cancels the job and ends the wait for its answer or next text with ``Cancelled``."""
         body = handle.body
         exchange.body = body
         try:
@@ -358,15 +358,15 @@ class WSGIMiddleware:
                 raise RuntimeError("the app returned its body without calling start_response()")
             if exchange.disconnected:
                 return
-            try:
-                # A view may hand over a stream before its first output: an error
-                # before any text still gets its own status, not a broken 200.
-                await body.stream.await_started(body.start_timeout)
-            except LLMBridgeError as error:  # Timeout included: it cancelled the job
+            # A view hands its body over before any output: a whole answer, or an error
+            # before the first text, is sent as its own reply with its own status (in the
+            # body's shape: problem+json, OpenAI's error under /v1), not a broken 200.
+            reply = await body.opening()
+            if reply is not None:
                 if not exchange.client_gone():
-                    # In the body's own shape (problem+json, OpenAI's error under /v1).
-                    await send_reply(exchange.raw_send, body.error_response(error))
+                    await exchange.send_reply(reply)
                 return
+            assert isinstance(body, StreamBody)
             chunks = body.__aiter__()
             try:
                 async for chunk in chunks:

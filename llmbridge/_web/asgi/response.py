@@ -10,7 +10,7 @@ from typing import Any
 
 from ..._sansio.framing import Reply
 from ..._sansio.problem import problem, retry_after_value
-from ..body import ASYNC_BODY_KEY, StreamBody
+from ..body import ASYNC_BODY_KEY, LoopBody, StreamBody, WholeBody
 from .input import LoopPortal
 
 __all__ = ["AsyncBody", "ClientDisconnected", "Exchange", "send_problem", "send_reply"]
@@ -49,7 +49,7 @@ class AsyncBody:
     __slots__ = ("_on_close", "body", "exchange")
 
     def __init__(
-        self, body: StreamBody, exchange: Exchange, on_close: Callable[[StreamBody], None]
+        self, body: LoopBody, exchange: Exchange, on_close: Callable[[LoopBody], None]
     ) -> None:
         self.body = body
         self.exchange = exchange
@@ -78,8 +78,8 @@ class Exchange:
         self,
         send: Send,
         portal: LoopPortal,
-        track: Callable[[StreamBody], None],
-        untrack: Callable[[StreamBody], None],
+        track: Callable[[LoopBody], None],
+        untrack: Callable[[LoopBody], None],
     ) -> None:
         self.raw_send = send
         #: The adapter's loop, for the app's thread.
@@ -92,7 +92,7 @@ class Exchange:
         self.headers_sent = False
         self.disconnected = False
         #: The body the loop is pumping, closed when the client goes away.
-        self.body: StreamBody | None = None
+        self.body: LoopBody | None = None
 
     # -- WSGI callables (the app's thread) --------------------------------------------
 
@@ -141,12 +141,13 @@ class Exchange:
         if data:
             self.send_from_thread(data, more_body=True)
 
-    def async_body(self, body: StreamBody) -> AsyncBody:
+    def async_body(self, body: object) -> AsyncBody:
         """``environ[ASYNC_BODY_KEY]``: hand ``body`` to the loop once the app returns.
 
         The body is known to the drain from now on, whoever ends up iterating it."""
-        if not isinstance(body, StreamBody):
-            raise TypeError(f"{ASYNC_BODY_KEY} takes a StreamBody, got {type(body).__name__}")
+        if not isinstance(body, StreamBody | WholeBody):
+            name = type(body).__name__
+            raise TypeError(f"{ASYNC_BODY_KEY} takes a StreamBody or a WholeBody, got {name}")
         self._track(body)
         return AsyncBody(body, self, self._untrack)
 
@@ -176,6 +177,23 @@ class Exchange:
             else:  # the end, spelled as asgiref does (body and more_body at their defaults)
                 await self.raw_send({"type": "http.response.body"})
         except OSError as exc:  # some servers raise on a closed connection
+            self.set_disconnected()
+            raise ClientDisconnected("the client disconnected") from exc
+
+    async def send_reply(self, reply: Reply) -> None:
+        """Send ``reply`` as the whole response instead of the app's body: its status,
+        headers and bytes, plus the app's own headers that it doesn't set (say, a CORS
+        header an ``after_request`` hook added)."""
+        if self.disconnected:
+            raise ClientDisconnected("the client disconnected")
+        own = {name.lower().encode("latin-1") for name, _ in reply.headers}
+        own.add(b"content-length")
+        self.headers_sent = True
+        try:
+            await send_reply(
+                self.raw_send, reply, [(k, v) for k, v in self.headers if k not in own]
+            )
+        except OSError as exc:
             self.set_disconnected()
             raise ClientDisconnected("the client disconnected") from exc
 
@@ -258,11 +276,15 @@ async def send_problem(send: Send, error: BaseException) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
-    """Send a whole :class:`~llmbridge._sansio.framing.Reply` (a body's own error shape:
-    problem+json, or OpenAI's error object under ``/v1``)."""
+async def send_reply(
+    send: Send, reply: Reply, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Send a whole :class:`~llmbridge._sansio.framing.Reply` (a whole answer, or a
+    body's own error shape: problem+json, OpenAI's error object under ``/v1``), with
+    ``extra`` headers (already encoded) after its own."""
     data = reply.body
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+    headers += extra or ()
     headers.append((b"content-length", str(len(data)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
