@@ -109,7 +109,8 @@ async def test_a_whole_answer_keeps_the_apps_headers_and_its_own_error_status(
     gated: tuple[Gated, Engine],
 ) -> None:
     """The answer the adapter sends keeps what the app's after_request added, and an
-    answer that fails (no output within start_timeout) is OpenAI's 504, tagged too."""
+    answer that fails (no output within start_timeout), whole or streamed, is OpenAI's
+    504, tagged too."""
     backend, engine = gated
     adapter = to_asgi(_flask(engine, start_timeout=0.3), workers=1)
     with anyio.fail_after(10):
@@ -119,6 +120,16 @@ async def test_a_whole_answer_keeps_the_apps_headers_and_its_own_error_status(
     assert late.header("content-type") == "application/json"
     assert late.header("x-app") == "tagged"
     assert late.header("x-request-id")
+    # A stream that fails before its first text is answered the same way (the reply
+    # the adapter sends instead of the app's body keeps the app's headers too).
+    streamed = _body("z", stream=True)
+    with anyio.fail_after(10):
+        late_stream = await request(
+            adapter, "POST", "/v1/completions", headers=_JSON, body=streamed
+        )
+    assert late_stream.status == 504, late_stream.body
+    assert late_stream.json()["error"]["code"] == "timeout"
+    assert late_stream.header("x-app") == "tagged"
     backend.release.set()
     headers = [*_JSON, (b"x-request-id", b"mine-1")]
     ok = await request(adapter, "POST", "/v1/completions", headers=headers, body=_body("y"))
